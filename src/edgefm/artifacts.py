@@ -1,0 +1,186 @@
+"""Where stage results live, how they are keyed, and how they are written safely.
+
+Every stage writes into ``<root>/<profile>/<stage>/<key>/`` where ``key`` hashes the stage's
+config *and* the source of the library modules the stage runs. Editing the code of a stage (or
+anything it imports from ``edgefm``) therefore gives it a new directory instead of silently
+reusing a stale result, while an edit elsewhere in the library keeps hours of training valid.
+Everything is written to a temporary name first and renamed into place, so an interrupted run
+never leaves a half-written file where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+
+ARTIFACTS_ENV = "EDGEFM_ARTIFACTS"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def artifacts_root() -> Path:
+    """``$EDGEFM_ARTIFACTS``, else ``artifacts/`` beside the enclosing book, else in the cwd.
+
+    Book chapters execute with their own folder as working directory; looking upwards for the
+    book's ``_toc.yml`` puts every chapter's artifacts in one place, next to the book.
+    """
+    if env := os.environ.get(ARTIFACTS_ENV):
+        return Path(env).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "_config.yml").is_file():
+            return folder / "artifacts"
+    return cwd / "artifacts"
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")[1:]
+    base = PACKAGE_DIR.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _edgefm_imports(path: Path, module: str) -> set[str]:
+    """The ``edgefm`` modules that the file at ``path`` imports (absolute or relative)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "edgefm")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != "edgefm":
+                continue
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # names may be submodules
+    return {m for m in found if _module_file(m) is not None}
+
+
+@cache
+def code_hash(*modules: str) -> str:
+    """Hash the source of ``modules`` and of every ``edgefm`` module they import, transitively."""
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        todo.extend(_edgefm_imports(path, name))
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode() + b"\0" + seen[name].read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def library_hash() -> str:
+    """Hash of the whole ``edgefm`` source tree (every ``.py`` file)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(config: object) -> str:
+    """A short, stable hash of a config dataclass (or any JSON-serialisable value)."""
+    value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_key(config: object, *modules: str) -> str:
+    """The directory name of a stage result: its config and the code that produced it."""
+    return hashlib.sha256(f"{config_hash(config)}:{code_hash(*modules)}".encode()).hexdigest()[:12]
+
+
+def stage_dir(profile: str, stage: str, config: object, *modules: str) -> Path:
+    """``<root>/<profile>/<stage>/<key>``; the directory is not created."""
+    return artifacts_root() / profile / stage / stage_key(config, *modules)
+
+
+def ensure_dir(target: Path, build: Callable[[Path], None], config: object = None) -> Path:
+    """Return ``target`` if it exists, else run ``build(tmp)`` and rename ``tmp`` to ``target``.
+
+    The rename makes a result appear whole or not at all: a build killed half-way leaves only a
+    ``.tmp-*`` sibling, which the next call ignores and which is removed on failure. ``config``,
+    if given, is saved as ``config.json`` beside the result so a reader can see what made it.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        if config is not None:
+            value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+            atomic_write_json(tmp / "config.json", value)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
+
+
+def atomic_write_json(path: Path | str, value: object) -> Path:
+    """Write ``value`` as indented, key-sorted JSON, atomically."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def metrics_path(profile: str, stage: str) -> Path:
+    """``<root>/<profile>/metrics/<stage>.json``."""
+    return artifacts_root() / profile / "metrics" / f"{stage}.json"
+
+
+def write_metrics(profile: str, stage: str, metrics: dict) -> Path:
+    """Record a stage's figures; the book and the final summary read them from here."""
+    return atomic_write_json(metrics_path(profile, stage), metrics)
+
+
+def read_metrics(profile: str, stage: str) -> dict:
+    """Read a stage's figures, with a clear error if the stage has not run yet."""
+    path = metrics_path(profile, stage)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no metrics for stage {stage!r} in profile {profile!r}; run that stage first"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))

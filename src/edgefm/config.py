@@ -1,0 +1,94 @@
+"""Profiles and the typed configuration of every stage.
+
+One environment variable, ``EDGEFM_PROFILE``, picks the scale of everything (``smoke`` for CI,
+``default`` for an offline laptop build, ``full`` for a GPU box with the hub model). The code paths
+are the same in every profile: only the numbers in these dataclasses change. The book and the
+command line read the same objects, so a chapter and ``edgefm <stage>`` compute the same artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+PROFILE_ENV = "EDGEFM_PROFILE"
+PROFILES = ("smoke", "default", "full")
+
+
+class UnknownProfileError(ValueError):
+    """Raised for a profile name that is not one of :data:`PROFILES`."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the Fashion-MNIST scenes dataset is composed (or which COCO dataset to use).
+
+    ``source`` is ``"fashion-scenes"`` (composed offline from Fashion-MNIST items) or
+    ``"pennfudan"`` (the Penn-Fudan pedestrians, converted to COCO format).
+    """
+
+    source: str = "fashion-scenes"
+    seed: int = 0
+    image_size: int = 128
+    items_per_scene: tuple[int, int] = (1, 6)
+    item_size: tuple[int, int] = (12, 64)
+    max_occlusion: float = 0.4
+    train_scenes: int = 4000
+    val_scenes: int = 200
+    eval_scenes: int = 500
+    pool_images: int = 20000
+    jpeg_quality: int = 92
+
+
+@dataclass(frozen=True)
+class Profile:
+    """All stage configurations of one profile."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _smoke() -> Profile:
+    data = DataConfig(
+        image_size=64,
+        items_per_scene=(1, 4),
+        item_size=(10, 32),
+        train_scenes=48,
+        val_scenes=8,
+        eval_scenes=24,
+        pool_images=64,
+    )
+    return Profile(name="smoke", data=data)
+
+
+def _default() -> Profile:
+    return Profile(name="default", data=DataConfig())
+
+
+def _full() -> Profile:
+    return Profile(name="full", data=DataConfig(source="pennfudan", image_size=512))
+
+
+_BUILDERS = {"smoke": _smoke, "default": _default, "full": _full}
+
+
+def profile_name(name: str | None = None) -> str:
+    """Resolve a profile name: the argument, else ``$EDGEFM_PROFILE``, else ``default``."""
+    resolved = name or os.environ.get(PROFILE_ENV) or "default"
+    if resolved not in _BUILDERS:
+        raise UnknownProfileError(
+            f"unknown profile {resolved!r} (from {'argument' if name else PROFILE_ENV}); "
+            f"valid profiles: {', '.join(PROFILES)}"
+        )
+    return resolved
+
+
+def load_profile(name: str | None = None) -> Profile:
+    """Build the :class:`Profile` for ``name`` (see :func:`profile_name` for the default)."""
+    return _BUILDERS[profile_name(name)]()
+
+
+def config_dict(config: object) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny fake Fashion-MNIST and an isolated artifacts folder for every test."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file, the format MNIST is distributed in."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_items(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` 28x28 items: bright rectangles of random extent on black, labels cycling 0..9."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((count, 28, 28), dtype=np.uint8)
+    for image in images:
+        top, left = rng.integers(2, 10, size=2)
+        bottom, right = rng.integers(18, 27, size=2)
+        image[top:bottom, left:right] = rng.integers(120, 255)
+    return images, np.arange(count) % 10
+
+
+@pytest.fixture(autouse=True)
+def isolated_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes artifacts to its own temporary folder."""
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("EDGEFM_ARTIFACTS", str(root))
+    monkeypatch.delenv("EDGEFM_PROFILE", raising=False)
+    monkeypatch.delenv("EDGEFM_DOWNLOAD", raising=False)
+    return root
+
+
+@pytest.fixture
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake Fashion-MNIST folder (train: 60,000 slots are not needed; 60 items suffice)."""
+    folder = tmp_path_factory.mktemp("fashion")
+    for stem, count, seed in (("train", 60, 1), ("t10k", 30, 2)):
+        images, labels = fake_items(count, seed)
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("EDGEFM_FASHION_MNIST", str(folder))
+    return folder

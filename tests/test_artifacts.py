@@ -1,0 +1,118 @@
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from edgefm import artifacts
+from edgefm.artifacts import (
+    artifacts_root,
+    atomic_path,
+    atomic_write_json,
+    code_hash,
+    config_hash,
+    ensure_dir,
+    read_metrics,
+    stage_dir,
+    write_metrics,
+)
+
+
+@dataclass(frozen=True)
+class Cfg:
+    lr: float = 0.1
+    steps: int = 3
+
+
+def test_root_from_environment(isolated_artifacts):
+    assert artifacts_root() == isolated_artifacts
+
+
+def test_root_beside_enclosing_book(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEFM_ARTIFACTS")
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    (tmp_path / "_config.yml").write_text("title: x\n")
+    chapter_dir = tmp_path / "book"
+    chapter_dir.mkdir()
+    monkeypatch.chdir(chapter_dir)
+    assert artifacts_root() == tmp_path / "artifacts"
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert config_hash(Cfg()) == config_hash(Cfg())
+    assert config_hash(Cfg()) != config_hash(Cfg(lr=0.2))
+
+
+def test_stage_dir_changes_with_config_and_code(monkeypatch):
+    base = stage_dir("smoke", "data", Cfg(), "edgefm.data.scenes")
+    assert base.parent == artifacts_root() / "smoke" / "data"
+    assert stage_dir("smoke", "data", Cfg(steps=4), "edgefm.data.scenes") != base
+    monkeypatch.setattr(artifacts, "code_hash", lambda *m: "edited")
+    assert stage_dir("smoke", "data", Cfg(), "edgefm.data.scenes") != base
+
+
+def test_code_hash_follows_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "edgefm"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "leaf.py").write_text("X = 1\n")
+    (pkg / "sub" / "stage.py").write_text("from edgefm.leaf import X\nfrom . import helper\n")
+    (pkg / "sub" / "helper.py").write_text("Y = 2\n")
+    (pkg / "other.py").write_text("Z = 3\n")
+    monkeypatch.setattr(artifacts, "PACKAGE_DIR", pkg)
+    code_hash.cache_clear()
+    before = code_hash("edgefm.sub.stage")
+    (pkg / "other.py").write_text("Z = 4\n")  # not imported by the stage: no change
+    code_hash.cache_clear()
+    assert code_hash("edgefm.sub.stage") == before
+    for imported in (pkg / "leaf.py", pkg / "sub" / "helper.py"):
+        imported.write_text(imported.read_text() + "# edited\n")
+        code_hash.cache_clear()
+        assert code_hash("edgefm.sub.stage") != before
+        before = code_hash("edgefm.sub.stage")
+    code_hash.cache_clear()
+
+
+def test_ensure_dir_builds_once_and_records_config(tmp_path):
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        (out / "result.txt").write_text("done")
+
+    target = tmp_path / "stage" / "key"
+    assert ensure_dir(target, build, config=Cfg()) == target
+    ensure_dir(target, build, config=Cfg())
+    assert len(calls) == 1
+    assert (target / "result.txt").read_text() == "done"
+    assert json.loads((target / "config.json").read_text()) == {"lr": 0.1, "steps": 3}
+
+
+def test_interrupted_build_leaves_nothing(tmp_path):
+    def build(out):
+        (out / "half.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    target = tmp_path / "stage" / "key"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_dir(target, build)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "m.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half-written")
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_metrics_round_trip_and_missing_stage():
+    path = write_metrics("smoke", "data", {"train_images": 3})
+    assert path == artifacts_root() / "smoke" / "metrics" / "data.json"
+    assert read_metrics("smoke", "data") == {"train_images": 3}
+    with pytest.raises(FileNotFoundError, match="no metrics for stage 'pretrain'"):
+        read_metrics("smoke", "pretrain")

@@ -1,0 +1,33 @@
+import pytest
+
+from edgefm.config import PROFILES, DataConfig, UnknownProfileError, load_profile, profile_name
+
+
+def test_unset_profile_is_default():
+    assert profile_name() == "default"
+    assert load_profile().data == DataConfig()
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_builds(name):
+    profile = load_profile(name)
+    assert profile.name == name
+    lo, hi = profile.data.item_size
+    assert 0 < lo <= hi <= profile.data.image_size
+
+
+def test_environment_picks_profile(monkeypatch):
+    monkeypatch.setenv("EDGEFM_PROFILE", "smoke")
+    assert load_profile().name == "smoke"
+
+
+def test_unknown_profile_lists_valid_ones(monkeypatch):
+    monkeypatch.setenv("EDGEFM_PROFILE", "tiny")
+    with pytest.raises(UnknownProfileError, match="'tiny'.*EDGEFM_PROFILE.*smoke, default, full"):
+        load_profile()
+
+
+def test_default_profile_meets_dataset_brief():
+    data = load_profile("default").data
+    assert data.image_size == 128 and data.items_per_scene == (1, 6)
+    assert data.eval_scenes >= 500 and data.pool_images >= 20000 and data.train_scenes >= 1000
