@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgefm.data import CocoDetection, DatasetError
+from edgefm.data.pennfudan import convert
+
+
+def fake_pennfudan(root, count=4):
+    """A Penn-Fudan-shaped folder: PNG images and instance masks with two pedestrians each."""
+    (root / "PNGImages").mkdir(parents=True)
+    (root / "PedMasks").mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((60, 80, 3), 30 * i, np.uint8)).save(root / "PNGImages" / f"Ped{i:05d}.png")
+        mask = np.zeros((60, 80), np.uint8)
+        mask[5:25, 10:20] = 1
+        mask[30:58, 50:61] = 2
+        Image.fromarray(mask).save(root / "PedMasks" / f"Ped{i:05d}_mask.png")
+    return root
+
+
+def test_convert_writes_coco_with_mask_boxes(tmp_path):
+    root = fake_pennfudan(tmp_path / "PennFudanPed")
+    splits = convert(root, tmp_path / "out", eval_count=1)
+    train, evaluation = CocoDetection(splits["train"]), CocoDetection(splits["eval"])
+    assert len(train) == 3 and len(evaluation) == 1
+    _, target = evaluation[0]
+    assert target["boxes"].tolist() == [[10, 5, 20, 25], [50, 30, 61, 58]]
+    assert train.class_names == ["person"]
+
+
+def test_convert_rejects_a_folder_without_images(tmp_path):
+    with pytest.raises(DatasetError, match="no PNG images"):
+        convert(tmp_path, tmp_path / "out")
+
+
+def test_convert_names_a_missing_mask(tmp_path):
+    root = fake_pennfudan(tmp_path / "PennFudanPed")
+    (root / "PedMasks" / "Ped00001_mask.png").unlink()
+    with pytest.raises(DatasetError, match="Ped00001_mask.png: cannot read instance mask"):
+        convert(root, tmp_path / "out", eval_count=1)
