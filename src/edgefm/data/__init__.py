@@ -1,0 +1,99 @@
+"""Datasets: the Fashion-MNIST scenes, Penn-Fudan, and a loader for any COCO-format set.
+
+:func:`ensure_dataset` is the data stage: it returns the profile's dataset, building it into the
+artifacts folder the first time (and whenever its config or code changes), and records its figures
+in ``metrics/data.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefm.artifacts import ensure_dir, stage_dir, write_metrics
+from edgefm.config import Profile, load_profile
+from edgefm.data import pennfudan, scenes
+from edgefm.data.coco import CocoDetection, CocoSplit, DatasetError, collate, validate_coco
+from edgefm.data.fashion_mnist import CACHE_DIR, DOWNLOAD_ENV
+from edgefm.data.transforms import Letterbox, detection_transforms
+
+__all__ = [
+    "CocoDetection", "CocoSplit", "DatasetError", "DetectionDataset", "Letterbox", "collate",
+    "detection_transforms", "ensure_dataset", "validate_coco",
+]
+
+PENNFUDAN_ENV = "EDGEFM_PENNFUDAN"
+
+
+@dataclass(frozen=True)
+class DetectionDataset:
+    """A dataset's splits: labelled train/val/eval (val may be absent) and an unlabeled pool."""
+
+    root: Path
+    train: CocoSplit
+    eval: CocoSplit
+    val: CocoSplit | None = None
+    pool: Path | None = None  # a folder of unlabeled images, for self-supervised pretraining
+
+
+def _scenes(profile: Profile) -> DetectionDataset:
+    cfg = profile.data
+    root = stage_dir(profile.name, "data", cfg, "edgefm.data.scenes")
+    ensure_dir(root, lambda tmp: scenes.build_scenes(tmp, cfg), config=cfg)
+
+    def split(name: str) -> CocoSplit:
+        return CocoSplit(root / name / "instances.json", root / name / "images")
+
+    return DetectionDataset(root, split("train"), split("eval"), split("val"), root / "pool" / "images")
+
+
+def _pennfudan(profile: Profile) -> DetectionDataset:
+    source = Path(os.environ.get(PENNFUDAN_ENV, CACHE_DIR / "PennFudanPed")).expanduser()
+    if not (source / "PNGImages").is_dir():
+        if os.environ.get(DOWNLOAD_ENV) != "1":
+            raise DatasetError(
+                f"{source}: no Penn-Fudan folder; set {PENNFUDAN_ENV} to an unpacked PennFudanPed "
+                f"folder, or {DOWNLOAD_ENV}=1 to download it (needs a network)"
+            )
+        source = pennfudan.download(source.parent)
+    root = stage_dir(profile.name, "data", {"source": str(source)}, "edgefm.data.pennfudan")
+    ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp))
+    return DetectionDataset(root, CocoSplit(root / "train" / "instances.json", source / "PNGImages"),
+                            CocoSplit(root / "eval" / "instances.json", source / "PNGImages"))
+
+
+def dataset_metrics(dataset: DetectionDataset) -> dict:
+    """The data stage's figures: counts of images, objects, classes and sizes per split."""
+    train, evaluation = scenes.coco_summary(dataset.train.annotations), scenes.coco_summary(
+        dataset.eval.annotations
+    )
+    metrics = {
+        "train_images": train["images"], "train_objects": train["objects"],
+        "eval_images": evaluation["images"], "eval_objects": evaluation["objects"],
+        "num_classes": len(train["per_class"]), "classes": list(train["per_class"]),
+        "train_per_class": train["per_class"], "eval_per_class": evaluation["per_class"],
+        "train_per_size": train["per_size"], "eval_per_size": evaluation["per_size"],
+        "val_images": scenes.coco_summary(dataset.val.annotations)["images"] if dataset.val else 0,
+        "pool_images": sum(1 for _ in dataset.pool.iterdir()) if dataset.pool else 0,
+        "root": str(dataset.root),
+    }
+    return metrics
+
+
+_BUILDERS = {"fashion-scenes": _scenes, "pennfudan": _pennfudan}
+
+
+def ensure_dataset(profile: Profile | str | None = None) -> DetectionDataset:
+    """The profile's dataset, built if needed; writes ``metrics/data.json``."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    if profile.data.source not in _BUILDERS:
+        raise ValueError(f"unknown data source {profile.data.source!r}; valid: {', '.join(_BUILDERS)}")
+    dataset = _BUILDERS[profile.data.source](profile)
+    metrics = dataset_metrics(dataset)
+    build_record = dataset.root / "build.json"
+    if build_record.is_file():
+        metrics.update(json.loads(build_record.read_text(encoding="utf-8")))
+    write_metrics(profile.name, "data", metrics)
+    return dataset
