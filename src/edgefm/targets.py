@@ -1,0 +1,43 @@
+"""The targets the book sets itself, as data: the problem chapter states them from here and the
+results chapter checks measured figures against the same records, so the two cannot drift."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on one figure: ``metric <comparison> threshold`` for a model, with its origin."""
+
+    name: str
+    model: str
+    metric: str
+    comparison: str  # ">=" or "<="
+    threshold: float
+    unit: str
+    origin: str
+
+    def met(self, value: float) -> bool:
+        """Whether a measured ``value`` reaches the target."""
+        return {">=": operator.ge, "<=": operator.le}[self.comparison](value, self.threshold)
+
+    def describe(self) -> str:
+        """The target as a short phrase, e.g. ``latency speed-up vs A >= 8x``."""
+        return f"{self.name} {self.comparison} {self.threshold:.3g}{self.unit}"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("mAP@[.5:.95]", "A", "map", ">=", 0.40, "", "ours"),
+    Target("MAE init beats random init", "A", "map_gain_mae", ">=", 0.02, "", "ours"),
+    Target("latency speed-up vs A", "B", "latency_speedup_2t", ">=", 3, "x", "ours"),
+    Target("mAP drop vs A", "B", "map_drop", "<=", 0.01, "", "ours"),
+    Target("latency speed-up vs A", "C", "latency_speedup_2t", ">=", 8, "x", "ours"),
+    Target("size reduction vs A", "C", "size_reduction", ">=", 12, "x", "ours"),
+    Target("mAP drop vs A", "C", "map_drop", "<=", 0.01, "", "ours"),
+    Target("size reduction vs A", "C", "size_reduction", ">=", 1 / 0.7, "x", "seed: size -30 %"),
+    Target("latency speed-up vs A", "C", "latency_speedup_2t", ">=", 1 / 0.6, "x",
+           "seed: latency -40 %"),
+    Target("relative mAP drop vs A", "C", "map_drop_relative", "<=", 0.05, "", "seed: within 5 %"),
+)
