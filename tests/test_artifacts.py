@@ -56,13 +56,17 @@ def test_code_hash_follows_imports(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "leaf.py").write_text("X = 1\n")
-    (pkg / "sub" / "stage.py").write_text("from edgefm.leaf import X\nfrom . import helper\n")
+    (pkg / "config.py").write_text("C = 1\n")
+    (pkg / "sub" / "stage.py").write_text(
+        "from edgefm.leaf import X\nfrom . import helper\nfrom edgefm.config import C\n"
+    )
     (pkg / "sub" / "helper.py").write_text("Y = 2\n")
     (pkg / "other.py").write_text("Z = 3\n")
     monkeypatch.setattr(artifacts, "PACKAGE_DIR", pkg)
     code_hash.cache_clear()
     before = code_hash("edgefm.sub.stage")
     (pkg / "other.py").write_text("Z = 4\n")  # not imported by the stage: no change
+    (pkg / "config.py").write_text("C = 2\n")  # configs are keyed by value, not by code
     code_hash.cache_clear()
     assert code_hash("edgefm.sub.stage") == before
     for imported in (pkg / "leaf.py", pkg / "sub" / "helper.py"):

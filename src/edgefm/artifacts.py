@@ -70,15 +70,21 @@ def _edgefm_imports(path: Path, module: str) -> set[str]:
     return {m for m in found if _module_file(m) is not None}
 
 
+# Configs enter a stage's key by value (``config_hash``): editing the file that defines another
+# stage's config must not invalidate this stage's result.
+_NOT_CODE = {"edgefm.config"}
+
+
 @cache
 def code_hash(*modules: str) -> str:
-    """Hash the source of ``modules`` and of every ``edgefm`` module they import, transitively."""
+    """Hash the source of ``modules`` and of every ``edgefm`` module they import, transitively
+    (except :mod:`edgefm.config`, whose values are hashed instead)."""
     seen: dict[str, Path] = {}
     todo = list(modules)
     while todo:
         name = todo.pop()
         path = _module_file(name)
-        if name in seen or path is None:
+        if name in seen or name in _NOT_CODE or path is None:
             continue
         seen[name] = path
         todo.extend(_edgefm_imports(path, name))

@@ -9,9 +9,9 @@ an unreadable image fails with its path. Samples come out as torchvision ``tv_te
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -163,5 +163,5 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """Stack images (all the same size after a letterbox) and keep targets as a list."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return torch.stack([torch.as_tensor(im) for im in images]), list(targets)

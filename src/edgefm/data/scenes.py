@@ -124,7 +124,7 @@ def compose_scene(
 def _occlusion_ok(owner: np.ndarray, covers: np.ndarray, full: list[int], limit: float) -> bool:
     hidden = np.bincount(owner[covers & (owner >= 0)], minlength=len(full))
     visible = np.bincount(owner[owner >= 0], minlength=len(full)) - hidden
-    return all(v >= (1 - limit) * f for v, f in zip(visible, full))
+    return all(v >= (1 - limit) * f for v, f in zip(visible, full, strict=True))
 
 
 def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:

@@ -12,6 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+
 class Letterbox(torch.nn.Module):
     """Resize the longer side to ``size`` and pad to ``size x size`` (right/bottom).
 
