@@ -92,16 +92,23 @@ def test_ensure_dir_builds_once_and_records_config(tmp_path):
     assert json.loads((target / "config.json").read_text()) == {"lr": 0.1, "steps": 3}
 
 
-def test_interrupted_build_leaves_nothing(tmp_path):
-    def build(out):
-        (out / "half.txt").write_text("partial")
-        raise KeyboardInterrupt
+def test_interrupted_build_resumes_in_the_same_folder(tmp_path):
+    seen = []
+
+    def build(work):
+        seen.append(sorted(p.name for p in work.iterdir()))
+        (work / f"part{len(seen)}.txt").write_text("x")
+        if len(seen) == 1:
+            raise KeyboardInterrupt
 
     target = tmp_path / "stage" / "key"
     with pytest.raises(KeyboardInterrupt):
         ensure_dir(target, build)
     assert not target.exists()
-    assert list(target.parent.iterdir()) == []
+    ensure_dir(target, build)
+    assert seen == [[], ["part1.txt"]]  # the second run found the first run's work
+    assert sorted(p.name for p in target.iterdir()) == ["part1.txt", "part2.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["key"]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -120,25 +119,23 @@ def stage_dir(profile: str, stage: str, config: object, *modules: str) -> Path:
 
 
 def ensure_dir(target: Path, build: Callable[[Path], None], config: object = None) -> Path:
-    """Return ``target`` if it exists, else run ``build(tmp)`` and rename ``tmp`` to ``target``.
+    """Return ``target`` if it exists, else run ``build(work)`` and rename ``work`` to ``target``.
 
-    The rename makes a result appear whole or not at all: a build killed half-way leaves only a
-    ``.tmp-*`` sibling, which the next call ignores and which is removed on failure. ``config``,
-    if given, is saved as ``config.json`` beside the result so a reader can see what made it.
+    ``work`` is ``<target>.partial``, a fixed name: a build killed half-way leaves its work there,
+    and the next call hands the same folder to ``build`` again, so a long stage can resume from
+    its last checkpoint (a build that cannot resume simply overwrites). The final rename makes a
+    result appear whole or not at all. ``config``, if given, is saved as ``config.json`` beside
+    the result so a reader can see what made it.
     """
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        if config is not None:
-            value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-            atomic_write_json(tmp / "config.json", value)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    work = target.with_name(target.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    build(work)
+    if config is not None:
+        value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+        atomic_write_json(work / "config.json", value)
+    os.replace(work, target)
     return target
 
 
