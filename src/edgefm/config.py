@@ -8,7 +8,6 @@ command line read the same objects, so a chapter and ``edgefm <stage>`` compute 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -42,11 +41,48 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    """The shape of a plain ViT encoder: what MAE pretrains and the detector fine-tunes."""
+
+    image_size: int = 128
+    patch_size: int = 8
+    hidden_size: int = 384
+    num_layers: int = 8
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masked-autoencoder pretraining on the unlabeled pool (or, with ``hub_id``, none at all).
+
+    The learning rate follows the MAE recipe: ``base_lr * batch_size / 256``.
+    """
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    hub_id: str | None = None  # e.g. "facebook/vit-mae-base": load these weights, train nothing
+    decoder_hidden_size: int = 192
+    decoder_layers: int = 2
+    decoder_heads: int = 6
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    batch_size: int = 64
+    steps: int = 1500
+    base_lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_crop_scale: float = 0.35
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Profile:
     """All stage configurations of one profile."""
 
     name: str
     data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def _smoke() -> Profile:
@@ -59,7 +95,11 @@ def _smoke() -> Profile:
         eval_scenes=24,
         pool_images=64,
     )
-    return Profile(name="smoke", data=data)
+    backbone = BackboneConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
+    pretrain = PretrainConfig(backbone=backbone, decoder_hidden_size=32, decoder_layers=1,
+                              decoder_heads=2, batch_size=8, steps=6, warmup_steps=2,
+                              checkpoint_every=3)
+    return Profile(name="smoke", data=data, pretrain=pretrain)
 
 
 def _default() -> Profile:
@@ -67,7 +107,10 @@ def _default() -> Profile:
 
 
 def _full() -> Profile:
-    return Profile(name="full", data=DataConfig(source="pennfudan", image_size=512))
+    backbone = BackboneConfig(image_size=512, patch_size=16, hidden_size=768, num_layers=12,
+                              num_heads=12)
+    pretrain = PretrainConfig(backbone=backbone, hub_id="facebook/vit-mae-base")
+    return Profile(name="full", data=DataConfig(source="pennfudan", image_size=512), pretrain=pretrain)
 
 
 _BUILDERS = {"smoke": _smoke, "default": _default, "full": _full}
@@ -87,8 +130,3 @@ def profile_name(name: str | None = None) -> str:
 def load_profile(name: str | None = None) -> Profile:
     """Build the :class:`Profile` for ``name`` (see :func:`profile_name` for the default)."""
     return _BUILDERS[profile_name(name)]()
-
-
-def config_dict(config: object) -> dict:
-    """A JSON-ready dict of a config dataclass (tuples become lists)."""
-    return dataclasses.asdict(config)
