@@ -46,6 +46,17 @@ def _cmd_pennfudan(args: argparse.Namespace) -> None:
         print(f"{name}: {split.annotations} (images in {split.images})")
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from edgefm.pretrain import ensure_pretrained
+
+    result = ensure_pretrained(load_profile(args.profile))
+    m = result.metrics
+    print(f"MAE weights: {result.source}")
+    if m["steps"]:
+        print(f"  {m['steps']} steps, {m['images_seen']} images in {m['seconds']:.0f} s; "
+              f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefm",
@@ -59,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="build (or find) the profile's dataset and print its splits")
     data.set_defaults(run=_cmd_data)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain the profile's MAE on the unlabeled pool (resumes if interrupted)"
+    )
+    pretrain.set_defaults(run=_cmd_pretrain)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")
@@ -81,10 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     from edgefm.data.coco import DatasetError
     from edgefm.data.fashion_mnist import FashionMNISTNotFound
+    from edgefm.models.vit import CheckpointError
 
     try:
         run(args)
-    except (UnknownProfileError, DatasetError, FashionMNISTNotFound) as error:
+    except (UnknownProfileError, DatasetError, FashionMNISTNotFound, CheckpointError) as error:
         print(f"edgefm: error: {error}", file=sys.stderr)
         return 2
     return 0

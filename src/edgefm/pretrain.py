@@ -1,0 +1,252 @@
+"""Masked-autoencoder pretraining on a folder of unlabeled images, with ``transformers``' ViT-MAE.
+
+The objective is MAE's: hide 75 % of the patches, encode the visible ones, and regress the hidden
+patches' pixels (normalised per patch). The loop is plain PyTorch: AdamW with warm-up and cosine
+decay, a progress bar, and an atomic checkpoint every ``checkpoint_every`` steps holding
+everything needed to continue *exactly* where it stopped: weights, optimizer, schedule, random
+state and loss history. The data order is a pure function of (seed, step), so a resumed run sees
+the same batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from tqdm.auto import tqdm
+
+from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.config import PretrainConfig, Profile, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.data.coco import DatasetError, read_image
+from edgefm.models.vit import CheckpointError, load_mae
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class ImageFolder(Dataset):
+    """Every image in a folder (no labels), as augmented, normalised float tensors."""
+
+    def __init__(self, folder: Path, transform: v2.Transform):
+        self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DatasetError(f"{folder}: no images to pretrain on")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(F.pil_to_tensor(read_image(self.files[index])))
+
+
+def pretrain_transform(image_size: int, min_crop_scale: float) -> v2.Compose:
+    """MAE's augmentation: a random resized crop and a flip, then ImageNet normalisation."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def build_mae(cfg: PretrainConfig):
+    """A randomly initialised ``ViTMAEForPreTraining`` of the configured shape."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    b = cfg.backbone
+    config = ViTMAEConfig(
+        image_size=b.image_size, patch_size=b.patch_size, hidden_size=b.hidden_size,
+        num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
+        intermediate_size=int(b.hidden_size * b.mlp_ratio), decoder_hidden_size=cfg.decoder_hidden_size,
+        decoder_num_hidden_layers=cfg.decoder_layers, decoder_num_attention_heads=cfg.decoder_heads,
+        decoder_intermediate_size=cfg.decoder_hidden_size * 4, mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+    )
+    return ViTMAEForPreTraining(config)
+
+
+def batch_indices(step: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
+    """The pool indices of batch ``step``: epochs are seeded permutations, so any step is
+    reproducible on its own (which is what makes resuming exact)."""
+    per_epoch = count // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "token" in name else decay).append(param)
+    lr = cfg.base_lr * cfg.batch_size / 256
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def _cosine_with_warmup(cfg: PretrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights."""
+
+    step: int = 0
+    seconds: float = 0.0
+    losses: list[float] | None = None
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": state.step,
+                    "seconds": state.seconds, "losses": state.losses,
+                    "rng": torch.get_rng_state()}, tmp)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({error}); delete it to "
+                           "start over") from error
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    return TrainState(saved["step"], saved["seconds"], saved["losses"])
+
+
+def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True) -> TrainState:
+    """Pretrain an MAE on the images in ``pool``; checkpoints and results go to ``work``.
+
+    If ``work/checkpoint.pt`` exists the run continues from it. At the end the model is saved
+    with ``save_pretrained`` in ``work/mae`` (safetensors), loadable like a hub id.
+    """
+    torch.manual_seed(cfg.seed)
+    images = ImageFolder(pool, pretrain_transform(cfg.backbone.image_size, cfg.min_crop_scale))
+    if len(images) < cfg.batch_size:
+        raise DatasetError(f"{pool}: {len(images)} images, fewer than one batch of {cfg.batch_size}")
+    model = build_mae(cfg).train()
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(cfg))
+    checkpoint = work / "checkpoint.pt"
+    state = TrainState(losses=[])
+    if checkpoint.exists():
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="MAE pretraining", disable=not progress)
+    while state.step < cfg.steps:
+        start = time.perf_counter()
+        indices = batch_indices(state.step, cfg.batch_size, len(images), cfg.seed)
+        batch = torch.stack([images[i] for i in indices])
+        loss = model(pixel_values=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        state.seconds += time.perf_counter() - start
+        state.losses.append(round(loss.item(), 5))
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, state)
+    bar.close()
+    model.save_pretrained(work / "mae")
+    params = sum(p.numel() for p in model.vit.parameters())
+    atomic_write_json(work / "train_state.json", {"step": state.step, "seconds": state.seconds,
+                                                  "losses": state.losses, "params": params})
+    return state
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Where the MAE weights are (a folder or a hub id) and how they were obtained."""
+
+    source: str
+    metrics: dict
+
+
+def pretrain_metrics(cfg: PretrainConfig, state: TrainState, params: int) -> dict:
+    """The stage's figures; first/last losses average 10 steps to smooth batch noise."""
+    window = max(1, min(10, len(state.losses) // 4))
+    return {
+        "loss_first": sum(state.losses[:window]) / window,
+        "loss_last": sum(state.losses[-window:]) / window,
+        "losses": state.losses, "steps": state.step, "images_seen": state.step * cfg.batch_size,
+        "seconds": round(state.seconds, 1), "params": params,
+        "images_per_second": round(state.step * cfg.batch_size / max(state.seconds, 1e-9), 1),
+    }
+
+
+def ensure_pretrained(profile: Profile | str | None = None, progress: bool = True) -> Pretrained:
+    """The profile's MAE weights: the hub model if the profile names one, else our own run on the
+    unlabeled pool (computed once, resumed if interrupted). Writes ``metrics/pretrain.json``."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    cfg = profile.pretrain
+    if cfg.hub_id:
+        params = sum(p.numel() for p in load_mae(cfg.hub_id).parameters())
+        metrics = {"source": cfg.hub_id, "steps": 0, "images_seen": 0, "seconds": 0.0, "params": params}
+        write_metrics(profile.name, "pretrain", metrics)
+        return Pretrained(cfg.hub_id, metrics)
+    pool = ensure_dataset(profile).pool
+    target = stage_dir(profile.name, "pretrain", cfg, "edgefm.pretrain")
+    ensure_dir(target, lambda work: pretrain(cfg, pool, work, progress), config=cfg)
+    saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
+    state = TrainState(saved["step"], saved["seconds"], saved["losses"])
+    metrics = {"source": str(target / "mae"), **pretrain_metrics(cfg, state, saved["params"])}
+    write_metrics(profile.name, "pretrain", metrics)
+    return Pretrained(str(target / "mae"), metrics)
+
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation: back to [0, 1] for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Mask ``images`` (normalised, NCHW) at random and let the MAE paint the hidden patches.
+
+    Returns ``original``, ``masked`` (hidden patches blanked) and ``reconstruction`` (visible
+    patches kept, hidden ones predicted), all in [0, 1]. With the normalised-pixel loss the model
+    predicts each patch up to its mean and variance; as in the MAE paper's figures, those are
+    taken from the original patch.
+    """
+    model.eval()
+    count = (images.shape[-1] // model.config.patch_size) ** 2
+    noise = torch.rand(images.shape[0], count, generator=torch.Generator().manual_seed(seed))
+    output = model(pixel_values=images, noise=noise)
+    target = model.patchify(images)
+    prediction = output.logits
+    if model.config.norm_pix_loss:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        prediction = prediction * (var + 1e-6) ** 0.5 + mean
+    hidden = model.unpatchify(output.mask[..., None].expand_as(target))
+    predicted = model.unpatchify(prediction)
+    return {
+        "original": denormalize(images),
+        "masked": denormalize(images) * (1 - hidden) + 0.5 * hidden,
+        "reconstruction": denormalize(images * (1 - hidden) + predicted * hidden),
+    }
