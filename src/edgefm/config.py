@@ -45,9 +45,9 @@ class BackboneConfig:
     """The shape of a plain ViT encoder: what MAE pretrains and the detector fine-tunes."""
 
     image_size: int = 128
-    patch_size: int = 8
+    patch_size: int = 16
     hidden_size: int = 384
-    num_layers: int = 8
+    num_layers: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
 
@@ -56,7 +56,8 @@ class BackboneConfig:
 class PretrainConfig:
     """Masked-autoencoder pretraining on the unlabeled pool (or, with ``hub_id``, none at all).
 
-    The learning rate follows the MAE recipe: ``base_lr * batch_size / 256``.
+    The learning rate scales as in MAE, ``base_lr * batch_size / 256``, but ``base_lr`` is 10x
+    MAE's 1.5e-4: over 80 steps of a ViT-S/16 on the pool the loss fell to 0.50 instead of 0.76.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -67,10 +68,10 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     batch_size: int = 64
-    steps: int = 1500
-    base_lr: float = 1.5e-4
+    steps: int = 750
+    base_lr: float = 1.5e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     min_crop_scale: float = 0.35
     checkpoint_every: int = 100
     seed: int = 0
