@@ -14,7 +14,7 @@ BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
 # jupyter-cache hashes only a notebook's code cells: key the cache on the library's source too.
 LIBRARY_HASH = $(shell find src/edgefm -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
 
-.PHONY: setup system-deps book book-smoke test lint clean
+.PHONY: setup system-deps apt-get-fashion-mnist browser apt-get-chromium book book-smoke pdf test lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -24,16 +24,29 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# apt_install(package, what to do without it): Debian packages, where apt is there to get them.
+define apt_install
+	@if command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1) >/dev/null; } \
+			|| echo "note: could not install $(1): $(2)"; \
+	else echo "note: no apt-get to install $(1): $(2)"; fi
+endef
+
 # The offline dataset's raw files come from Debian; elsewhere the library's error says what to do.
 system-deps:
-	@if [ -n "$$EDGEFM_FASHION_MNIST" ] || [ -d $(FASHION_MNIST_DIR) ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
-	else \
-		echo "note: no apt-get; set EDGEFM_FASHION_MNIST to a folder with the Fashion-MNIST files" \
-		     "or EDGEFM_DOWNLOAD=1 to download them"; \
-	fi
+	@[ -n "$$EDGEFM_FASHION_MNIST" ] || [ -d $(FASHION_MNIST_DIR) ] || [ "$$EDGEFM_DOWNLOAD" = 1 ] || \
+		$(MAKE) --no-print-directory apt-get-fashion-mnist
+
+apt-get-fashion-mnist:
+	$(call apt_install,dataset-fashion-mnist,set EDGEFM_FASHION_MNIST to a folder with the files or EDGEFM_DOWNLOAD=1)
+
+# Chromium for the site test and the PDF (Debian's package; Playwright downloads no browser).
+browser:
+	@command -v chromium >/dev/null || $(MAKE) --no-print-directory apt-get-chromium
+
+apt-get-chromium:
+	$(call apt_install,chromium,the site test is skipped and make pdf fails)
 
 # $(1): profile, $(2): extra jupyter-book flags
 define build_book
@@ -50,12 +63,25 @@ book: setup
 book-smoke: setup
 	$(call build_book,smoke,-W --keep-going)
 
-test: setup
+# The whole book as one PDF: a single-page HTML build printed by headless Chromium (works offline).
+pdf: setup browser
+	EDGEFM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(PROFILE)) \
+		--builder singlehtml
+	mkdir -p _build/pdf
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run \
+		--no-pdf-header-footer --print-to-pdf=_build/pdf/edgefm-$(PROFILE).pdf \
+		file://$(abspath $(call BUILD_ROOT,$(PROFILE)))/_build/singlehtml/index.html
+	@echo "PDF: _build/pdf/edgefm-$(PROFILE).pdf"
+
+# Unit tests, then the whole smoke book (warnings are errors), then the built site in a browser.
+test: setup browser
 	$(BIN)/jupyter-book --version | grep -Eq 'Jupyter Book +: +1\.' \
 		|| { echo "jupyter-book must be 1.x"; exit 1; }
-	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest
+	$(BIN)/ruff check src tests book/_static
+	$(BIN)/python -m pytest --ignore=tests/site
 	$(MAKE) book-smoke
+	EDGEFM_SITE=_build/smoke/_build/html EDGEFM_SCREENSHOTS=_build/screenshots \
+		$(BIN)/python -m pytest tests/site
 
 lint: setup
 	$(BIN)/ruff check src tests
