@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and tests then never fight a background job for cores.
+torch.set_num_threads(1)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

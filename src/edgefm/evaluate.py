@@ -1,0 +1,63 @@
+"""COCO evaluation with ``pycocotools``: the library calls COCOeval and reports its numbers.
+
+Detections arrive in the letterboxed input's pixels; :func:`to_coco_results` maps them back to
+the original image (one division by the letterbox scale) and to COCO's ``[x, y, w, h]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+SIZES = ("small", "medium", "large")
+
+
+def to_coco_results(
+    detections: list[dict[str, np.ndarray]], image_ids: list[int], scales: list[float],
+    category_ids: list[int],
+) -> list[dict]:
+    """COCO result records from decoded detections (labels are contiguous class indices)."""
+    records = []
+    for found, image_id, scale in zip(detections, image_ids, scales, strict=True):
+        boxes = np.asarray(found["boxes"], dtype=np.float64) / scale
+        for (x0, y0, x1, y1), score, label in zip(boxes, found["scores"], found["labels"], strict=True):
+            records.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return records
+
+
+def coco_evaluate(annotations: Path, results: list[dict]) -> dict:
+    """mAP@[.5:.95], mAP@.5, mAP@.75, mAP by size and AP per class (fractions in [0, 1]).
+
+    Classes or sizes absent from the ground truth get ``None`` (COCOeval's -1).
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        if not results:
+            return _empty(truth)
+        evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = [None if s < 0 else float(s) for s in evaluation.stats]
+    metrics = {"map": stats[0], "map50": stats[1], "map75": stats[2],
+               **{f"map_{size}": stats[3 + i] for i, size in enumerate(SIZES)}}
+    # precision: [iou thresholds, recall points, classes, area ranges, max dets]; area 0 = all
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    metrics["per_class"] = {}
+    for k, category_id in enumerate(evaluation.params.catIds):
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        name = truth.cats[category_id]["name"]
+        metrics["per_class"][name] = float(valid.mean()) if valid.size else None
+    return metrics
+
+
+def _empty(truth: COCO) -> dict:
+    metrics = {"map": 0.0, "map50": 0.0, "map75": 0.0, **{f"map_{s}": 0.0 for s in SIZES}}
+    metrics["per_class"] = {c["name"]: 0.0 for c in truth.loadCats(truth.getCatIds())}
+    return metrics
