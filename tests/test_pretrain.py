@@ -10,7 +10,8 @@ from edgefm.artifacts import read_metrics
 from edgefm.config import BackboneConfig, PretrainConfig
 from edgefm.data import DatasetError
 from edgefm.models import CheckpointError, load_mae_backbone
-from edgefm.pretrain import batch_indices, ensure_pretrained, pretrain
+from edgefm.pretrain import ensure_pretrained, pretrain
+from edgefm.training import batch_indices
 
 CFG = PretrainConfig(
     backbone=BackboneConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
@@ -44,18 +45,18 @@ def test_batches_are_a_pure_function_of_the_step():
 def test_resume_continues_exactly_where_it_stopped(pool, tmp_path, monkeypatch):
     straight = pretrain(CFG, pool, tmp_path / "straight", progress=False)
 
-    real_save = pretrain_module._save_checkpoint
+    real_save = pretrain_module.save_checkpoint
 
     def save_then_die(path, model, optimizer, scheduler, state):
         real_save(path, model, optimizer, scheduler, state)
         if state.step == 3:
             raise KeyboardInterrupt  # killed right after the step-3 checkpoint
 
-    monkeypatch.setattr(pretrain_module, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretrain(CFG, pool, tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "mae").exists()
-    monkeypatch.setattr(pretrain_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", real_save)
     resumed = pretrain(CFG, pool, tmp_path / "resumed", progress=False)
     assert resumed.step == straight.step == 6
     assert resumed.losses == straight.losses

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     from edgefm.data.coco import DatasetError
     from edgefm.data.fashion_mnist import FashionMNISTNotFound
-    from edgefm.models.vit import CheckpointError
+    from edgefm.training import CheckpointError
 
     try:
         run(args)

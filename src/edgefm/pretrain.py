@@ -2,17 +2,13 @@
 
 The objective is MAE's: hide 75 % of the patches, encode the visible ones, and regress the hidden
 patches' pixels (normalised per patch). The loop is plain PyTorch: AdamW with warm-up and cosine
-decay, a progress bar, and an atomic checkpoint every ``checkpoint_every`` steps holding
-everything needed to continue *exactly* where it stopped: weights, optimizer, schedule, random
-state and loss history. The data order is a pure function of (seed, step), so a resumed run sees
-the same batches an uninterrupted one would have.
+decay, a progress bar, and a checkpoint every ``checkpoint_every`` steps from which a killed run
+continues exactly (:mod:`edgefm.training`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +19,18 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
-from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
 from edgefm.config import PretrainConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
-from edgefm.models.vit import CheckpointError, load_mae
+from edgefm.models.vit import load_mae
+from edgefm.training import (
+    TrainState,
+    batch_indices,
+    cosine_with_warmup,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,15 +79,6 @@ def build_mae(cfg: PretrainConfig):
     return ViTMAEForPreTraining(config)
 
 
-def batch_indices(step: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
-    """The pool indices of batch ``step``: epochs are seeded permutations, so any step is
-    reproducible on its own (which is what makes resuming exact)."""
-    per_epoch = count // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[offset * batch_size : (offset + 1) * batch_size]
-
-
 def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -93,46 +87,6 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW
     lr = cfg.base_lr * cfg.batch_size / 256
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-def _cosine_with_warmup(cfg: PretrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides the weights."""
-
-    step: int = 0
-    seconds: float = 0.0
-    losses: list[float] | None = None
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": state.step,
-                    "seconds": state.seconds, "losses": state.losses,
-                    "rng": torch.get_rng_state()}, tmp)
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({error}); delete it to "
-                           "start over") from error
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"])
-    return TrainState(saved["step"], saved["seconds"], saved["losses"])
 
 
 def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True) -> TrainState:
@@ -147,11 +101,11 @@ def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True)
         raise DatasetError(f"{pool}: {len(images)} images, fewer than one batch of {cfg.batch_size}")
     model = build_mae(cfg).train()
     optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     checkpoint = work / "checkpoint.pt"
-    state = TrainState(losses=[])
+    state = TrainState()
     if checkpoint.exists():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="MAE pretraining", disable=not progress)
     while state.step < cfg.steps:
         start = time.perf_counter()
@@ -168,7 +122,7 @@ def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, state)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
     bar.close()
     model.save_pretrained(work / "mae")
     params = sum(p.numel() for p in model.vit.parameters())

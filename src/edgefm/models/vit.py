@@ -21,12 +21,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from edgefm.config import BackboneConfig
+from edgefm.training import CheckpointError
 
 DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 
 def build_vit(cfg: BackboneConfig, layer_norm_eps: float = 1e-12) -> VisionTransformer:
