@@ -78,12 +78,49 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class DetectorConfig:
+    """The detector around the backbone: input size, pyramid and head widths, decoding."""
+
+    image_size: int = 128
+    channels: int = 128
+    head_hidden: int = 64
+    scales: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)
+    max_detections: int = 100
+    score_threshold: float = 0.01
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning the detector on the labelled train scenes.
+
+    ``init`` is ``"mae"`` (the pretrained encoder) or ``"random"``. ``layer_decay`` scales each
+    ViT block's learning rate by ``layer_decay ** depth_from_top``, as in MAE and ViTDet
+    fine-tuning; it applies to a pretrained encoder only (a random one has nothing to protect).
+    """
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    init: str = "mae"
+    label_fraction: float = 1.0
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 5.0
+    eval_every: int = 250
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Profile:
     """All stage configurations of one profile."""
 
     name: str
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _smoke() -> Profile:
@@ -100,7 +137,9 @@ def _smoke() -> Profile:
     pretrain = PretrainConfig(backbone=backbone, decoder_hidden_size=32, decoder_layers=1,
                               decoder_heads=2, batch_size=8, steps=6, warmup_steps=2,
                               checkpoint_every=3)
-    return Profile(name="smoke", data=data, pretrain=pretrain)
+    finetune = FinetuneConfig(detector=DetectorConfig(image_size=64, channels=32, head_hidden=32),
+                              batch_size=8, steps=6, warmup_steps=2, eval_every=3, checkpoint_every=3)
+    return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune)
 
 
 def _default() -> Profile:
@@ -111,7 +150,10 @@ def _full() -> Profile:
     backbone = BackboneConfig(image_size=512, patch_size=16, hidden_size=768, num_layers=12,
                               num_heads=12)
     pretrain = PretrainConfig(backbone=backbone, hub_id="facebook/vit-mae-base")
-    return Profile(name="full", data=DataConfig(source="pennfudan", image_size=512), pretrain=pretrain)
+    finetune = FinetuneConfig(detector=DetectorConfig(image_size=512, channels=256, head_hidden=128),
+                              batch_size=16, steps=3000, lr=2e-4, eval_every=500)
+    return Profile(name="full", data=DataConfig(source="pennfudan", image_size=512), pretrain=pretrain,
+                   finetune=finetune)
 
 
 _BUILDERS = {"smoke": _smoke, "default": _default, "full": _full}

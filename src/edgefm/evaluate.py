@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from edgefm.config import DetectorConfig
+from edgefm.data.coco import CocoDetection, CocoSplit, collate
+from edgefm.data.transforms import detection_transforms
+from edgefm.models.centernet import decode
+
+# A model as evaluation sees it: float32 images (B, 3, S, S) in [0, 1] -> the head's raw arrays.
+RunModel = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 SIZES = ("small", "medium", "large")
 
@@ -61,3 +70,24 @@ def _empty(truth: COCO) -> dict:
     metrics = {"map": 0.0, "map50": 0.0, "map75": 0.0, **{f"map_{s}": 0.0 for s in SIZES}}
     metrics["per_class"] = {c["name"]: 0.0 for c in truth.loadCats(truth.getCatIds())}
     return metrics
+
+
+def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
+                  batch_size: int = 32) -> tuple[CocoDetection, list[dict]]:
+    """Run a model over a split; returns the dataset and its COCO result records."""
+    dataset = CocoDetection(split, detection_transforms(cfg.image_size, train=False))
+    records: list[dict] = []
+    for start in range(0, len(dataset), batch_size):
+        images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        found = decode(*run(images.numpy()), stride=stride, max_detections=cfg.max_detections,
+                       score_threshold=cfg.score_threshold)
+        records += to_coco_results(found, [t["image_id"] for t in targets], [t["scale"] for t in targets],
+                                   dataset.category_ids)
+    return dataset, records
+
+
+def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
+                   batch_size: int = 32) -> dict:
+    """COCO metrics of any model (PyTorch, ONNX Runtime, ...) on a split, through one decoder."""
+    _, records = predict_split(run, split, cfg, stride, batch_size)
+    return coco_evaluate(split.annotations, records)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from edgefm import finetune as finetune_module
+from edgefm.config import BackboneConfig, DetectorConfig, FinetuneConfig, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.finetune import (
+    build_detector,
+    ensure_finetuned,
+    finetune,
+    label_subset,
+    layer_decay_groups,
+    load_detector,
+)
+from edgefm.training import CheckpointError
+
+BACKBONE = BackboneConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
+CFG = FinetuneConfig(detector=DetectorConfig(image_size=64, channels=32, head_hidden=32), batch_size=4,
+                     steps=6, warmup_steps=2, eval_every=3, checkpoint_every=3)
+
+
+def test_layer_decay_scales_blocks_from_the_top():
+    model = build_detector(CFG.detector, BACKBONE, num_classes=3)
+    groups = layer_decay_groups(model, lr=1.0, layer_decay=0.5, weight_decay=0.05)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    vit = model.backbone.vit
+    assert lr_of[id(model.head.heatmap[0].weight)] == 1.0
+    assert lr_of[id(vit.blocks[1].attn.qkv.weight)] == 0.5
+    assert lr_of[id(vit.blocks[0].attn.qkv.weight)] == 0.25
+    assert lr_of[id(vit.patch_embed.proj.weight)] == 0.125
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay_of[id(vit.pos_embed)] == 0.0 and decay_of[id(vit.blocks[0].norm1.weight)] == 0.0
+    assert decay_of[id(vit.blocks[0].mlp.fc1.weight)] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_label_subsets_are_nested():
+    small, large = label_subset(100, 0.1, seed=0), label_subset(100, 0.5, seed=0)
+    assert len(small) == 10 and len(large) == 50 and set(small.tolist()) <= set(large.tolist())
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(fashion_dir, tmp_path, monkeypatch):
+    dataset = ensure_dataset("smoke")
+    straight = finetune(CFG, BACKBONE, dataset, tmp_path / "straight", progress=False)
+    real_save = finetune_module.save_checkpoint
+
+    def save_then_die(path, model, optimizer, scheduler, state):
+        real_save(path, model, optimizer, scheduler, state)
+        if state.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(finetune_module, "save_checkpoint", real_save)
+    resumed = finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False)
+    assert resumed.losses == straight.losses
+    assert [e["step"] for e in resumed.evals] == [3, 6] and resumed.evals == straight.evals
+
+
+def test_ensure_finetuned_from_mae_and_reload(fashion_dir):
+    trained = ensure_finetuned("smoke", init="mae", progress=False)
+    assert trained.state.step == load_profile("smoke").finetune.steps
+    model = load_detector(trained)
+    outputs = model(torch.rand(1, 3, 64, 64))
+    assert outputs[0].shape[1] == 10
+    assert ensure_finetuned("smoke", init="mae", progress=False).path == trained.path
+    scratch = ensure_finetuned("smoke", init="random", progress=False)
+    assert scratch.path != trained.path
+
+
+def test_unknown_init_and_bad_weights_fail_clearly(fashion_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown init 'imagenet'"):
+        ensure_finetuned("smoke", init="imagenet", progress=False)
+    trained = ensure_finetuned("smoke", init="random", progress=False)
+    (trained.path / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot load detector weights"):
+        load_detector(trained)
