@@ -76,3 +76,17 @@ def test_unknown_init_and_bad_weights_fail_clearly(fashion_dir, tmp_path):
     (trained.path / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot load detector weights"):
         load_detector(trained)
+
+
+def test_feasibility_writes_every_required_figure(fashion_dir):
+    from edgefm.artifacts import read_metrics
+    from edgefm.feasibility import ensure_feasibility
+
+    ensure_feasibility("smoke", progress=False)
+    metrics = read_metrics("smoke", "feasibility")
+    for key in ("map", "map50", "map_scratch", "map50_scratch", "params", "train_seconds", "map_small",
+                "per_class"):
+        assert key in metrics
+    assert [p["fraction"] for p in metrics["label_efficiency"]] == [0.1, 0.3, 1.0]
+    assert all(0 <= p["map_mae"] <= 1 and 0 <= p["map_scratch"] <= 1 for p in metrics["label_efficiency"])
+    assert metrics["map"] == metrics["label_efficiency"][-1]["map_mae"]

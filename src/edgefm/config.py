@@ -121,6 +121,8 @@ class Profile:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # labelled fractions of the train scenes for the label-efficiency curve (MAE vs random init)
+    label_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
 
 
 def _smoke() -> Profile:
