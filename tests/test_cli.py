@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from edgefm.cli import main
 
@@ -39,3 +40,21 @@ def test_validate_accepts_the_scenes(fashion_dir, capsys):
     root = capsys.readouterr().out.split()[1]
     assert main(["validate", f"{root}/eval/instances.json", f"{root}/eval/images", "--read-images"]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_train_eval_predict_in_smoke(fashion_dir, tmp_path, capsys):
+    assert main(["--profile", "smoke", "train", "--init", "random"]) == 0
+    assert "val mAP" in capsys.readouterr().out
+    assert main(["--profile", "smoke", "eval", "--init", "random"]) == 0
+    assert '"map50"' in capsys.readouterr().out
+    Image.new("RGB", (90, 60), (40, 90, 160)).save(tmp_path / "scene.jpg")
+    assert main(["--profile", "smoke", "predict", str(tmp_path / "scene.jpg"), "--init", "random",
+                 "--out", str(tmp_path / "out"), "--threshold", "0"]) == 0
+    assert (tmp_path / "out" / "scene.png").stat().st_size > 1000
+
+
+def test_predict_names_a_corrupt_image(fashion_dir, tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["--profile", "smoke", "predict", str(tmp_path / "bad.jpg"), "--init", "random",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "bad.jpg: cannot read image" in capsys.readouterr().err

@@ -91,3 +91,12 @@ def test_ensure_pretrained_smoke_writes_metrics(fashion_dir):
     assert metrics["steps"] == 6 and metrics["images_seen"] == 6 * 8
     assert load_mae_backbone(result.source) is not None
     assert ensure_pretrained("smoke", progress=False).source == result.source  # cached
+
+
+def test_other_data_means_other_pretrained_weights(fashion_dir):
+    from edgefm.config import load_profile
+
+    smoke = load_profile("smoke")
+    first = ensure_pretrained(smoke, progress=False).source
+    other = replace(smoke, data=replace(smoke.data, seed=1))
+    assert ensure_pretrained(other, progress=False).source != first

@@ -57,6 +57,53 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
               f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from edgefm.finetune import ensure_finetuned
+
+    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
+    print(f"detector: {trained.path}")
+    for record in trained.state.evals:
+        print(f"  step {record['step']:>6}: val mAP {record['map']:.3f}, mAP@.5 {record['map50']:.3f}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from edgefm.feasibility import evaluate_finetuned
+    from edgefm.finetune import ensure_finetuned
+
+    profile = load_profile(args.profile)
+    metrics = evaluate_finetuned(ensure_finetuned(profile, args.init, args.fraction), profile)
+    print(json.dumps(metrics, indent=2))
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from matplotlib import pyplot as plt
+    from torchvision.transforms.v2 import functional as F
+
+    from edgefm.data.coco import read_image
+    from edgefm.data.transforms import Letterbox
+    from edgefm.finetune import ensure_finetuned, load_detector
+    from edgefm.models.centernet import decode
+    from edgefm.viz import draw_boxes
+
+    profile = load_profile(args.profile)
+    trained = ensure_finetuned(profile, args.init, args.fraction)
+    model, names = load_detector(trained), trained.class_names
+    size = trained.config.detector.image_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        image = F.pil_to_tensor(read_image(path))
+        boxed, info = Letterbox(size)(image, {})
+        outputs = model(F.to_dtype(boxed, scale=True)[None])
+        found = decode(*(o.detach().numpy() for o in outputs), stride=model.stride,
+                       score_threshold=args.threshold)[0]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        draw_boxes(ax, image, found["boxes"] / info["scale"], found["labels"], names, found["scores"])
+        out = args.out / f"{path.stem}.png"
+        fig.savefig(out, bbox_inches="tight", dpi=150)
+        plt.close(fig)
+        print(f"{path}: {len(found['boxes'])} detections -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefm",
@@ -75,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="pretrain the profile's MAE on the unlabeled pool (resumes if interrupted)"
     )
     pretrain.set_defaults(run=_cmd_pretrain)
+
+    def model_choice(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--init", choices=("mae", "random"), default=None,
+                             help="backbone initialisation (default: the profile's, mae)")
+        command.add_argument("--fraction", type=float, default=None,
+                             help="fraction of the labelled train scenes (default: all)")
+
+    train = commands.add_parser("train", help="fine-tune the detector (cached; resumes if interrupted)")
+    model_choice(train)
+    train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="COCO mAP of the trained detector on the eval split")
+    model_choice(evaluate)
+    evaluate.set_defaults(run=_cmd_eval)
+
+    predict = commands.add_parser("predict", help="draw the detector's boxes on images")
+    predict.add_argument("images", type=Path, nargs="+", help="image files")
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawings")
+    predict.add_argument("--threshold", type=float, default=0.3, help="lowest score drawn")
+    model_choice(predict)
+    predict.set_defaults(run=_cmd_predict)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")

@@ -138,8 +138,12 @@ class Finetuned:
     path: Path
     config: FinetuneConfig
     backbone: BackboneConfig
-    num_classes: int
+    class_names: list[str]
     state: TrainState
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def ensure_finetuned(profile: Profile | str | None = None, init: str | None = None,
@@ -157,13 +161,13 @@ def ensure_finetuned(profile: Profile | str | None = None, init: str | None = No
         from edgefm.pretrain import ensure_pretrained
 
         mae_source = ensure_pretrained(profile, progress=progress).source
-    key = {"finetune": cfg, "pretrain": profile.pretrain if cfg.init == "mae" else profile.pretrain.backbone}
+    key = {"finetune": cfg, "data": profile.data,
+           "pretrain": profile.pretrain if cfg.init == "mae" else profile.pretrain.backbone}
     target = stage_dir(profile.name, "finetune", key, "edgefm.finetune")
     backbone = profile.pretrain.backbone
     ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress), config=key)
     saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
-    num_classes = len(CocoDetection(dataset.train).class_names)
-    return Finetuned(target, cfg, backbone, num_classes, TrainState(**saved))
+    return Finetuned(target, cfg, backbone, CocoDetection(dataset.train).class_names, TrainState(**saved))
 
 
 def load_detector(trained: Finetuned) -> Detector:

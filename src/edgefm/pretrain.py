@@ -162,8 +162,9 @@ def ensure_pretrained(profile: Profile | str | None = None, progress: bool = Tru
         write_metrics(profile.name, "pretrain", metrics)
         return Pretrained(cfg.hub_id, metrics)
     pool = ensure_dataset(profile).pool
-    target = stage_dir(profile.name, "pretrain", cfg, "edgefm.pretrain")
-    ensure_dir(target, lambda work: pretrain(cfg, pool, work, progress), config=cfg)
+    key = {"pretrain": cfg, "data": profile.data}  # other images make other weights
+    target = stage_dir(profile.name, "pretrain", key, "edgefm.pretrain")
+    ensure_dir(target, lambda work: pretrain(cfg, pool, work, progress), config=key)
     saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
     state = TrainState(saved["step"], saved["seconds"], saved["losses"])
     metrics = {"source": str(target / "mae"), **pretrain_metrics(cfg, state, saved["params"])}

@@ -27,14 +27,11 @@ class Letterbox(torch.nn.Module):
         height, width = image.shape[-2:]
         scale = self.size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        if (new_h, new_w) != (height, width):
-            image, boxes = F.resize(image, [new_h, new_w], antialias=True), F.resize(
-                target["boxes"], [new_h, new_w]
-            )
-            target = {**target, "boxes": boxes}
         padding = [0, 0, self.size - new_w, self.size - new_h]
-        image = F.pad(image, padding, fill=self.fill)
-        target = {**target, "boxes": F.pad(target["boxes"], padding), "scale": scale}
+        image = F.pad(F.resize(image, [new_h, new_w], antialias=True), padding, fill=self.fill)
+        target = {**target, "scale": scale}
+        if "boxes" in target:  # prediction has none
+            target["boxes"] = F.pad(F.resize(target["boxes"], [new_h, new_w]), padding)
         return image, target
 
 
@@ -45,4 +42,3 @@ def detection_transforms(size: int, train: bool) -> v2.Compose:
         steps += [v2.RandomHorizontalFlip(p=0.5), v2.ColorJitter(0.2, 0.2, 0.2, 0.02)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1.0)]
     return v2.Compose(steps)
-
