@@ -1,6 +1,6 @@
 # edgefm: two commands on a fresh machine.
 #   make book   # installs what it needs, then builds the book into _build/html (profile: default)
-#   make test   # installs what it needs, runs pytest, then builds the whole book in the smoke profile
+#   make test   # installs what it needs, runs pytest, builds the smoke book, checks it in a browser
 # PROFILE=smoke|default|full picks the scale of `make book` (see README).
 
 PYTHON ?= python3.11
@@ -68,9 +68,14 @@ pdf: setup browser
 	EDGEFM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(PROFILE)) \
 		--builder singlehtml
 	mkdir -p _build/pdf
+	# the single page is book/intro.html but its asset paths are relative to the build root
+	cp $(call BUILD_ROOT,$(PROFILE))/_build/singlehtml/book/intro.html \
+		$(call BUILD_ROOT,$(PROFILE))/_build/singlehtml/edgefm.html
+	# a virtual-time budget: offline, the page's web fonts and MathJax never arrive; don't wait for them
 	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run \
+		--disable-component-update --virtual-time-budget=20000 --run-all-compositor-stages-before-draw \
 		--no-pdf-header-footer --print-to-pdf=_build/pdf/edgefm-$(PROFILE).pdf \
-		file://$(abspath $(call BUILD_ROOT,$(PROFILE)))/_build/singlehtml/index.html
+		file://$(abspath $(call BUILD_ROOT,$(PROFILE)))/_build/singlehtml/edgefm.html
 	@echo "PDF: _build/pdf/edgefm-$(PROFILE).pdf"
 
 # Unit tests, then the whole smoke book (warnings are errors), then the built site in a browser.
@@ -84,7 +89,7 @@ test: setup browser
 		$(BIN)/python -m pytest tests/site
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests book/_static
 
 clean:
 	rm -rf _build artifacts
