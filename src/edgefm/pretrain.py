@@ -23,6 +23,7 @@ from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_met
 from edgefm.config import PretrainConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
+from edgefm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from edgefm.models.vit import load_mae
 from edgefm.training import (
     TrainState,
@@ -32,8 +33,6 @@ from edgefm.training import (
     save_checkpoint,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 

@@ -12,6 +12,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+# ImageNet statistics: what MAE and timm backbones are pretrained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class Letterbox(torch.nn.Module):
     """Resize the longer side to ``size`` and pad to ``size x size`` (right/bottom).

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgefm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from edgefm.models.centernet import CenterNetHead
 from edgefm.models.pyramid import SimpleFeaturePyramid
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Detector(nn.Module):
