@@ -90,6 +90,8 @@ def test_ensure_dir_builds_once_and_records_config(tmp_path):
     assert len(calls) == 1
     assert (target / "result.txt").read_text() == "done"
     assert json.loads((target / "config.json").read_text()) == {"lr": 0.1, "steps": 3}
+    ensure_dir(tmp_path / "nested", build, config={"a": Cfg(), "b": Cfg(steps=4)})
+    assert json.loads((tmp_path / "nested" / "config.json").read_text())["b"] == {"lr": 0.1, "steps": 4}
 
 
 def test_interrupted_build_resumes_in_the_same_folder(tmp_path):

@@ -101,10 +101,18 @@ def library_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def plain(config: object) -> object:
+    """A config as plain JSON-ready data: dataclasses (also inside dicts) become dicts."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return {key: plain(value) for key, value in config.items()}
+    return config
+
+
 def config_hash(config: object) -> str:
-    """A short, stable hash of a config dataclass (or any JSON-serialisable value)."""
-    value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    text = json.dumps(value, sort_keys=True, default=str)
+    """A short, stable hash of a config dataclass, or of a dict of them."""
+    text = json.dumps(plain(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -133,8 +141,7 @@ def ensure_dir(target: Path, build: Callable[[Path], None], config: object = Non
     work.mkdir(parents=True, exist_ok=True)
     build(work)
     if config is not None:
-        value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-        atomic_write_json(work / "config.json", value)
+        atomic_write_json(work / "config.json", plain(config))
     os.replace(work, target)
     return target
 
