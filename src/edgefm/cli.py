@@ -12,10 +12,12 @@ from edgefm.config import PROFILES, UnknownProfileError, load_profile
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from edgefm.data import dataset_metrics, ensure_dataset
+    from edgefm.artifacts import read_metrics
+    from edgefm.data import ensure_dataset
 
-    dataset = ensure_dataset(load_profile(args.profile))
-    metrics = dataset_metrics(dataset)
+    profile = load_profile(args.profile)
+    dataset = ensure_dataset(profile)
+    metrics = read_metrics(profile.name, "data")
     print(f"dataset: {dataset.root}")
     for name in ("train", "val", "eval"):
         if (split := getattr(dataset, name)) is not None:
@@ -67,11 +69,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from edgefm.data import ensure_dataset
     from edgefm.feasibility import evaluate_finetuned
     from edgefm.finetune import ensure_finetuned
 
     profile = load_profile(args.profile)
-    metrics = evaluate_finetuned(ensure_finetuned(profile, args.init, args.fraction), profile)
+    trained = ensure_finetuned(profile, args.init, args.fraction)
+    metrics = evaluate_finetuned(trained, ensure_dataset(profile).eval)
     print(json.dumps(metrics, indent=2))
 
 

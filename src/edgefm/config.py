@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 PROFILE_ENV = "EDGEFM_PROFILE"
+DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"  # "1": code may fetch data and weights (needs a network)
 PROFILES = ("smoke", "default", "full")
 
 

@@ -72,9 +72,9 @@ def _empty(truth: COCO) -> dict:
     return metrics
 
 
-def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
-                  batch_size: int = 32) -> tuple[CocoDetection, list[dict]]:
-    """Run a model over a split; returns the dataset and its COCO result records."""
+def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
+                   batch_size: int = 32) -> dict:
+    """COCO metrics of any model (PyTorch, ONNX Runtime, ...) on a split, through one decoder."""
     dataset = CocoDetection(split, detection_transforms(cfg.image_size, train=False))
     records: list[dict] = []
     for start in range(0, len(dataset), batch_size):
@@ -83,11 +83,4 @@ def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: 
                        score_threshold=cfg.score_threshold)
         records += to_coco_results(found, [t["image_id"] for t in targets], [t["scale"] for t in targets],
                                    dataset.category_ids)
-    return dataset, records
-
-
-def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
-                   batch_size: int = 32) -> dict:
-    """COCO metrics of any model (PyTorch, ONNX Runtime, ...) on a split, through one decoder."""
-    _, records = predict_split(run, split, cfg, stride, batch_size)
     return coco_evaluate(split.annotations, records)

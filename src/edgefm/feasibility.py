@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from edgefm.artifacts import write_metrics
 from edgefm.config import Profile, load_profile
-from edgefm.data import ensure_dataset
+from edgefm.data import CocoSplit, ensure_dataset
 from edgefm.evaluate import evaluate_split
 from edgefm.finetune import Finetuned, ensure_finetuned, load_detector, torch_runner
 
 
-def evaluate_finetuned(trained: Finetuned, profile: Profile) -> dict:
-    """COCO metrics of a fine-tuned detector on the profile's eval split."""
+def evaluate_finetuned(trained: Finetuned, split: CocoSplit) -> dict:
+    """COCO metrics of a fine-tuned detector on a split."""
     model = load_detector(trained)
-    return evaluate_split(torch_runner(model), ensure_dataset(profile).eval, trained.config.detector,
-                          model.stride)
+    return evaluate_split(torch_runner(model), split, trained.config.detector, model.stride)
 
 
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:
@@ -28,7 +27,8 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
     runs = {(init, fraction): ensure_finetuned(profile, init, fraction, progress)
             for fraction in profile.label_fractions for init in ("mae", "random")}
     full = max(profile.label_fractions)
-    scores = {key: evaluate_finetuned(trained, profile) for key, trained in runs.items()}
+    eval_split = ensure_dataset(profile).eval
+    scores = {key: evaluate_finetuned(trained, eval_split) for key, trained in runs.items()}
     model_a, scratch = runs[("mae", full)], runs[("random", full)]
     metrics = {
         **scores[("mae", full)],

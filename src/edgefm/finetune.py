@@ -128,6 +128,7 @@ def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDa
     with atomic_path(work / WEIGHTS) as tmp:
         save_file(model.state_dict(), str(tmp))
     atomic_write_json(work / "train_state.json", asdict(state))
+    atomic_write_json(work / "classes.json", train.class_names)
     return state
 
 
@@ -167,7 +168,8 @@ def ensure_finetuned(profile: Profile | str | None = None, init: str | None = No
     backbone = profile.pretrain.backbone
     ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress), config=key)
     saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
-    return Finetuned(target, cfg, backbone, CocoDetection(dataset.train).class_names, TrainState(**saved))
+    class_names = json.loads((target / "classes.json").read_text(encoding="utf-8"))
+    return Finetuned(target, cfg, backbone, class_names, TrainState(**saved))
 
 
 def load_detector(trained: Finetuned) -> Detector:

@@ -171,7 +171,6 @@ def ensure_pretrained(profile: Profile | str | None = None, progress: bool = Tru
     return Pretrained(str(target / "mae"), metrics)
 
 
-
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Undo the ImageNet normalisation: back to [0, 1] for display."""
     mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefm.artifacts import ensure_dir, stage_dir, write_metrics
-from edgefm.config import Profile, load_profile
+from edgefm.config import DOWNLOAD_ENV, Profile, load_profile
 from edgefm.data import pennfudan, scenes
 from edgefm.data.coco import CocoDetection, CocoSplit, DatasetError, collate, validate_coco
-from edgefm.data.fashion_mnist import CACHE_DIR, DOWNLOAD_ENV
+from edgefm.data.fashion_mnist import CACHE_DIR
 from edgefm.data.transforms import Letterbox, detection_transforms
 
 __all__ = [
@@ -69,7 +69,7 @@ def dataset_metrics(dataset: DetectionDataset) -> dict:
     train, evaluation = scenes.coco_summary(dataset.train.annotations), scenes.coco_summary(
         dataset.eval.annotations
     )
-    metrics = {
+    return {
         "train_images": train["images"], "train_objects": train["objects"],
         "eval_images": evaluation["images"], "eval_objects": evaluation["objects"],
         "num_classes": len(train["per_class"]), "classes": list(train["per_class"]),
@@ -79,7 +79,6 @@ def dataset_metrics(dataset: DetectionDataset) -> dict:
         "pool_images": sum(1 for _ in dataset.pool.iterdir()) if dataset.pool else 0,
         "root": str(dataset.root),
     }
-    return metrics
 
 
 _BUILDERS = {"fashion-scenes": _scenes, "pennfudan": _pennfudan}

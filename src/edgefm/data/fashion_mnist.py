@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefm.config import DOWNLOAD_ENV
+
 FASHION_MNIST_ENV = "EDGEFM_FASHION_MNIST"
-DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path("~/.cache/edgefm").expanduser()
 CLASSES = (

@@ -20,10 +20,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from edgefm.config import BackboneConfig
+from edgefm.config import DOWNLOAD_ENV, BackboneConfig
 from edgefm.training import CheckpointError
-
-DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"
 
 
 def build_vit(cfg: BackboneConfig, layer_norm_eps: float = 1e-12) -> VisionTransformer:
