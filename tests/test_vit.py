@@ -5,7 +5,8 @@ import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from edgefm.config import BackboneConfig
-from edgefm.models import CheckpointError, load_mae_backbone
+from edgefm.models import CheckpointError, load_mae_backbone, random_mae_backbone
+from edgefm.models.vit import init_mae_embeddings, sincos_position_embedding
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=48, decoder_hidden_size=16, decoder_num_hidden_layers=1,
@@ -15,7 +16,7 @@ TINY = dict(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, nu
 @pytest.fixture
 def mae_dir(tmp_path):
     torch.manual_seed(0)
-    model = ViTMAEForPreTraining(ViTMAEConfig(**TINY)).eval()
+    model = init_mae_embeddings(ViTMAEForPreTraining(ViTMAEConfig(**TINY))).eval()
     model.save_pretrained(tmp_path / "mae")
     return tmp_path / "mae", model
 
@@ -90,3 +91,18 @@ def test_checkpoint_of_wrong_shape_is_refused(mae_dir):
                             mlp_ratio=2.0)
     with pytest.raises(CheckpointError, match="hidden_size 24 != 48"):
         load_mae_backbone(folder, expect=wanted)
+
+
+def test_built_maes_get_their_fixed_sincos_position_embeddings():
+    # transformers 5.x leaves these tables at zero: a position-blind MAE that cannot learn shapes
+    raw = ViTMAEForPreTraining(ViTMAEConfig(**TINY))
+    assert raw.vit.embeddings.position_embeddings.abs().max() == 0  # if this fails, upstream fixed it
+    model = init_mae_embeddings(raw)
+    table = model.vit.embeddings.position_embeddings[0]
+    assert torch.equal(table, sincos_position_embedding(4, 24)[0])
+    assert table[0].abs().max() == 0 and len({tuple(row.tolist()) for row in table[1:]}) == 16
+    assert not model.vit.embeddings.position_embeddings.requires_grad
+    assert model.decoder.decoder_pos_embed.abs().amax(-1)[0, 1:].min() > 0
+    backbone = random_mae_backbone(BackboneConfig(image_size=32, patch_size=8, hidden_size=24, num_layers=2,
+                                                  num_heads=2))
+    assert torch.equal(backbone.vit.pos_embed.detach(), sincos_position_embedding(4, 24))

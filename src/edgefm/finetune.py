@@ -27,7 +27,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
 from edgefm.models.centernet import centernet_loss, centernet_targets
 from edgefm.models.detector import Detector
-from edgefm.models.vit import ViTBackbone, build_vit, load_mae_backbone
+from edgefm.models.vit import load_mae_backbone, random_mae_backbone
 from edgefm.training import (
     CheckpointError,
     TrainState,
@@ -42,11 +42,12 @@ WEIGHTS = "model.safetensors"
 
 def build_detector(cfg: DetectorConfig, backbone: BackboneConfig, num_classes: int,
                    mae_source: str | None = None) -> Detector:
-    """A detector whose backbone is the MAE encoder at ``mae_source``, or random if None."""
+    """A detector whose backbone is the MAE encoder at ``mae_source``, or the same encoder
+    untrained (:func:`~edgefm.models.vit.random_mae_backbone`) if None."""
     if mae_source is not None:
         vit_backbone = load_mae_backbone(mae_source, image_size=cfg.image_size)
     else:
-        vit_backbone = ViTBackbone(build_vit(replace(backbone, image_size=cfg.image_size)))
+        vit_backbone = random_mae_backbone(backbone, image_size=cfg.image_size)
     return Detector(vit_backbone, num_classes, cfg.channels, cfg.scales, cfg.head_hidden)
 
 

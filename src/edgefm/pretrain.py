@@ -24,7 +24,7 @@ from edgefm.config import PretrainConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
 from edgefm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from edgefm.models.vit import load_mae
+from edgefm.models.vit import init_mae_embeddings, load_mae, mae_config
 from edgefm.training import (
     TrainState,
     batch_indices,
@@ -64,18 +64,15 @@ def pretrain_transform(image_size: int, min_crop_scale: float) -> v2.Compose:
 
 def build_mae(cfg: PretrainConfig):
     """A randomly initialised ``ViTMAEForPreTraining`` of the configured shape."""
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    from transformers import ViTMAEForPreTraining
 
-    b = cfg.backbone
-    config = ViTMAEConfig(
-        image_size=b.image_size, patch_size=b.patch_size, hidden_size=b.hidden_size,
-        num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
-        intermediate_size=int(b.hidden_size * b.mlp_ratio), decoder_hidden_size=cfg.decoder_hidden_size,
+    config = mae_config(
+        cfg.backbone, decoder_hidden_size=cfg.decoder_hidden_size,
         decoder_num_hidden_layers=cfg.decoder_layers, decoder_num_attention_heads=cfg.decoder_heads,
         decoder_intermediate_size=cfg.decoder_hidden_size * 4, mask_ratio=cfg.mask_ratio,
         norm_pix_loss=cfg.norm_pix_loss,
     )
-    return ViTMAEForPreTraining(config)
+    return init_mae_embeddings(ViTMAEForPreTraining(config))
 
 
 def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:

@@ -101,17 +101,56 @@ def load_mae(source: str | Path, decoder: bool = False):
         raise CheckpointError(f"{source}: cannot load MAE weights{hint}: {error}") from error
 
 
-def load_mae_backbone(
-    source: str | Path, image_size: int | None = None, expect: BackboneConfig | None = None
-) -> ViTBackbone:
-    """A :class:`ViTBackbone` with the encoder weights of the MAE checkpoint at ``source``.
+def mae_config(cfg: BackboneConfig, **extra):
+    """``transformers``' ``ViTMAEConfig`` for an encoder of this shape (``extra``: decoder, masking)."""
+    from transformers import ViTMAEConfig
 
-    ``source`` is a folder written by ``save_pretrained`` or a hub id (loaded from the local
-    cache unless ``EDGEFM_DOWNLOAD=1``): both take the same path through ``from_pretrained``.
-    ``image_size`` is the detection resolution (default: the pretraining one); ``expect``, if
-    given, is the shape the caller needs, and a checkpoint of another shape is refused.
+    return ViTMAEConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.hidden_size * cfg.mlp_ratio), **extra,
+    )
+
+
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position table, ``(1, 1 + grid**2, dim)`` with a zero cls row, in
+    the layout of the released MAE weights (``transformers`` swaps the h and w halves to match)."""
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    table = build_2d_sinusoidal_position_embedding(height=grid, width=grid, embed_dim=dim, cls_token=True)
+    half = dim // 2
+    return torch.cat([table[..., half:], table[..., :half]], dim=-1).reshape(1, -1, dim)
+
+
+@torch.no_grad()
+def init_mae_embeddings(model):
+    """Give a freshly built ``ViTMAEModel`` / ``ViTMAEForPreTraining`` its fixed sin-cos position
+    embeddings (encoder and decoder) and MAE's mask-token init; returns the model.
+
+    ``transformers`` 5.x builds these models from a config with all-zero position embeddings
+    (they are frozen, so training never fixes them): the encoder then cannot tell where a patch
+    is and the decoder cannot tell which patch it paints, and reconstructions collapse to the
+    average patch. Checkpoints (ours, the hub's) store the tables, so loading is unaffected.
     """
-    encoder = load_mae(source)
+    encoder = getattr(model, "vit", model)
+    table = encoder.embeddings.position_embeddings
+    grid = round(encoder.embeddings.patch_embeddings.num_patches**0.5)
+    table.copy_(sincos_position_embedding(grid, table.shape[-1]))
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        decoder.decoder_pos_embed.copy_(sincos_position_embedding(grid, decoder.decoder_pos_embed.shape[-1]))
+        nn.init.normal_(decoder.mask_token, std=model.config.initializer_range)
+    return model
+
+
+def backbone_from_encoder(
+    encoder, image_size: int | None = None, expect: BackboneConfig | None = None, source: str = "encoder"
+) -> ViTBackbone:
+    """A :class:`ViTBackbone` holding the weights of a ``transformers`` ``ViTMAEModel``.
+
+    ``image_size`` is the detection resolution (default: the pretraining one); ``expect``, if
+    given, is the shape the caller needs, and an encoder of another shape is refused.
+    """
     mae = encoder.config
     cfg = BackboneConfig(
         image_size=image_size or mae.image_size, patch_size=mae.patch_size,
@@ -129,3 +168,27 @@ def load_mae_backbone(
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(vit.patch_embed.grid_size))
     vit.load_state_dict(state, strict=True)
     return ViTBackbone(vit)
+
+
+def load_mae_backbone(
+    source: str | Path, image_size: int | None = None, expect: BackboneConfig | None = None
+) -> ViTBackbone:
+    """A :class:`ViTBackbone` with the encoder weights of the MAE checkpoint at ``source``.
+
+    ``source`` is a folder written by ``save_pretrained`` or a hub id (loaded from the local
+    cache unless ``EDGEFM_DOWNLOAD=1``): both take the same path through ``from_pretrained``.
+    """
+    return backbone_from_encoder(load_mae(source), image_size, expect, source=str(source))
+
+
+def random_mae_backbone(cfg: BackboneConfig, image_size: int | None = None) -> ViTBackbone:
+    """The MAE encoder *before* pretraining, as a :class:`ViTBackbone`: the baseline of Part 1.
+
+    It is ``ViTMAEModel``'s own initialisation, fixed 2-D sin-cos position embedding included,
+    through the same adapter, so "random init" and "MAE init" differ by the pretraining alone.
+    A ViT with a learned, randomly initialised position embedding is a weaker baseline: it must
+    learn where its patches are from the labelled scenes.
+    """
+    from transformers import ViTMAEModel
+
+    return backbone_from_encoder(init_mae_embeddings(ViTMAEModel(mae_config(cfg))), image_size)
