@@ -20,7 +20,8 @@ class Detector(nn.Module):
     """``backbone`` maps (B, 3, H, W) to (B, D, H / p, W / p) and has ``embed_dim``, ``patch_size``.
 
     The pyramid's levels are resized to the finest one and summed, so the single-scale head sees
-    every scale; its output stride is ``patch_size / max(scales)`` (4 for a patch-16 ViT).
+    every scale; its output stride is ``patch_size / max(scales)``: 4 for patch 8 and scales up
+    to 2, or patch 16 and scales up to 4.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 128,
