@@ -58,3 +58,30 @@ def test_predict_names_a_corrupt_image(fashion_dir, tmp_path, capsys):
     assert main(["--profile", "smoke", "predict", str(tmp_path / "bad.jpg"), "--init", "random",
                  "--out", str(tmp_path / "out")]) == 2
     assert "bad.jpg: cannot read image" in capsys.readouterr().err
+
+
+def test_pretrain_exports_weights_that_load_like_a_hub_id(fashion_dir, isolated_artifacts, tmp_path, capsys):
+    from edgefm.models import load_mae_backbone
+
+    out = tmp_path / "shipped"
+    assert main(["--profile", "smoke", "pretrain", "--steps", "3", "--export", str(out)]) == 0
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["steps"] == 3 and record["pretrain"]["steps"] == 3 and len(record["losses"]) == 3
+    assert record["command"] == f"edgefm --profile smoke pretrain --steps 3 --export {out}"
+    assert load_mae_backbone(out).vit.pos_embed.abs().max() > 0
+
+
+def test_a_profile_can_start_from_shipped_weights(fashion_dir, isolated_artifacts, tmp_path):
+    from dataclasses import replace
+
+    from edgefm.config import load_profile
+    from edgefm.pretrain import ensure_pretrained
+
+    out = tmp_path / "shipped"
+    assert main(["--profile", "smoke", "pretrain", "--steps", "3", "--export", str(out)]) == 0
+    smoke = load_profile("smoke")
+    shipped = replace(smoke, pretrain=replace(smoke.pretrain, weights=str(out)))
+    own, used = ensure_pretrained(smoke, progress=False), ensure_pretrained(shipped, progress=False)
+    assert used.source == str(out) and used.run == own.run  # the in-build run is still made, once
+    assert used.metrics["weights"]["steps"] == 3 and used.metrics["steps"] == smoke.pretrain.steps
+    assert used.fingerprint != own.fingerprint

@@ -25,19 +25,24 @@ ARTIFACTS_ENV = "EDGEFM_ARTIFACTS"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def artifacts_root() -> Path:
-    """``$EDGEFM_ARTIFACTS``, else ``artifacts/`` beside the enclosing book, else in the cwd.
+def project_root() -> Path:
+    """The folder holding the book's ``_toc.yml`` (searched upwards from the cwd), else the cwd.
 
-    Book chapters execute with their own folder as working directory; looking upwards for the
-    book's ``_toc.yml`` puts every chapter's artifacts in one place, next to the book.
+    Book chapters execute with their own folder as working directory; looking upwards puts every
+    chapter's artifacts in one place and finds the weights shipped with the book.
     """
-    if env := os.environ.get(ARTIFACTS_ENV):
-        return Path(env).expanduser().resolve()
     cwd = Path.cwd().resolve()
     for folder in (cwd, *cwd.parents):
         if (folder / "_toc.yml").is_file() and (folder / "_config.yml").is_file():
-            return folder / "artifacts"
-    return cwd / "artifacts"
+            return folder
+    return cwd
+
+
+def artifacts_root() -> Path:
+    """``$EDGEFM_ARTIFACTS``, else ``artifacts/`` in :func:`project_root`."""
+    if env := os.environ.get(ARTIFACTS_ENV):
+        return Path(env).expanduser().resolve()
+    return project_root() / "artifacts"
 
 
 def _module_file(module: str) -> Path | None:

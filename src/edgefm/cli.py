@@ -49,14 +49,23 @@ def _cmd_pennfudan(args: argparse.Namespace) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from edgefm.pretrain import ensure_pretrained
+    from dataclasses import replace
 
-    result = ensure_pretrained(load_profile(args.profile))
+    from edgefm.pretrain import ensure_pretrained, export_pretrained
+
+    profile = load_profile(args.profile)
+    if args.steps is not None:
+        profile = replace(profile, pretrain=replace(profile.pretrain, steps=args.steps))
+    result = ensure_pretrained(profile)
     m = result.metrics
     print(f"MAE weights: {result.source}")
     if m["steps"]:
         print(f"  {m['steps']} steps, {m['images_seen']} images in {m['seconds']:.0f} s; "
               f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
+    if args.export is not None:
+        steps = f" --steps {args.steps}" if args.steps is not None else ""
+        command = f"edgefm --profile {profile.name} pretrain{steps} --export {args.export}"
+        print(f"exported to {export_pretrained(result, profile, args.export, command)}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -125,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain", help="pretrain the profile's MAE on the unlabeled pool (resumes if interrupted)"
     )
+    pretrain.add_argument("--steps", type=int, default=None, help="train this many steps instead of "
+                          "the profile's (a separate cached run)")
+    pretrain.add_argument("--export", type=Path, default=None, help="copy the weights, loadable like a hub "
+                          "id, with their config, command and loss log to this folder")
     pretrain.set_defaults(run=_cmd_pretrain)
 
     def model_choice(command: argparse.ArgumentParser) -> None:

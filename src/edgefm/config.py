@@ -61,7 +61,12 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Masked-autoencoder pretraining on the unlabeled pool (or, with ``hub_id``, none at all).
+    """Masked-autoencoder pretraining on the unlabeled pool, and the MAE weights detectors start from.
+
+    ``weights`` names those weights when they are not this profile's own run: a hub id, or a
+    ``save_pretrained`` folder relative to the book's root (the longer run shipped with the book,
+    made by ``edgefm pretrain --steps N --export DIR``). ``steps`` is the in-build run's length;
+    0 skips it.
 
     The learning rate scales as in MAE, ``base_lr * batch_size / 256``, but ``base_lr`` is 10x
     MAE's 1.5e-4: over 80 steps of a ViT-S/16 on the pool the loss fell to 0.50 instead of 0.76.
@@ -69,7 +74,7 @@ class PretrainConfig:
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    hub_id: str | None = None  # e.g. "facebook/vit-mae-base": load these weights, train nothing
+    weights: str | None = None  # e.g. "facebook/vit-mae-base" or "weights/mae-default"
     decoder_hidden_size: int = 128
     decoder_layers: int = 2
     decoder_heads: int = 4
@@ -161,7 +166,7 @@ def _default() -> Profile:
 def _full() -> Profile:
     backbone = BackboneConfig(image_size=512, patch_size=16, hidden_size=768, num_layers=12,
                               num_heads=12)
-    pretrain = PretrainConfig(backbone=backbone, hub_id="facebook/vit-mae-base")
+    pretrain = PretrainConfig(backbone=backbone, weights="facebook/vit-mae-base", steps=0)
     finetune = FinetuneConfig(detector=DetectorConfig(image_size=512, channels=256, head_hidden=128,
                                                        scales=(4.0, 2.0, 1.0, 0.5)),
                               batch_size=16, steps=3000, lr=2e-4, eval_every=500)

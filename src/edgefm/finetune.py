@@ -151,20 +151,19 @@ class Finetuned:
 def ensure_finetuned(profile: Profile | str | None = None, init: str | None = None,
                      label_fraction: float | None = None, progress: bool = True) -> Finetuned:
     """The profile's detector for an ``init`` and label fraction (default: the profile's), trained
-    once and cached; the key covers the MAE weights' config too when they are used."""
+    once and cached; the key covers the MAE weights' content too when they are used."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     cfg = replace(profile.finetune, init=init or profile.finetune.init,
                   label_fraction=label_fraction or profile.finetune.label_fraction)
     if cfg.init not in ("mae", "random"):
         raise ValueError(f"unknown init {cfg.init!r}; use 'mae' or 'random'")
     dataset = ensure_dataset(profile)
-    mae_source = None
+    mae_source, key = None, {"finetune": cfg, "data": profile.data, "backbone": profile.pretrain.backbone}
     if cfg.init == "mae":
         from edgefm.pretrain import ensure_pretrained
 
-        mae_source = ensure_pretrained(profile, progress=progress).source
-    key = {"finetune": cfg, "data": profile.data,
-           "pretrain": profile.pretrain if cfg.init == "mae" else profile.pretrain.backbone}
+        pretrained = ensure_pretrained(profile, progress=progress)
+        mae_source, key["mae_weights"] = pretrained.source, pretrained.fingerprint
     target = stage_dir(profile.name, "finetune", key, "edgefm.finetune")
     backbone = profile.pretrain.backbone
     ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress), config=key)

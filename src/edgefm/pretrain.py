@@ -8,9 +8,10 @@ continues exactly (:mod:`edgefm.training`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
-from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_dir,
+    plain,
+    project_root,
+    stage_dir,
+    write_metrics,
+)
 from edgefm.config import PretrainConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
@@ -129,9 +138,16 @@ def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True)
 
 @dataclass(frozen=True)
 class Pretrained:
-    """Where the MAE weights are (a folder or a hub id) and how they were obtained."""
+    """The MAE weights detectors start from, and the profile's own pretraining run.
+
+    ``source`` is a folder or a hub id, as :func:`~edgefm.models.vit.load_mae` takes it; ``run``
+    is the in-build run's ``save_pretrained`` folder (None if the profile trains none);
+    ``fingerprint`` identifies the weights' content, for the cache keys of what is built on them.
+    """
 
     source: str
+    run: Path | None
+    fingerprint: str
     metrics: dict
 
 
@@ -147,25 +163,70 @@ def pretrain_metrics(cfg: PretrainConfig, state: TrainState, params: int) -> dic
     }
 
 
-def ensure_pretrained(profile: Profile | str | None = None, progress: bool = True) -> Pretrained:
-    """The profile's MAE weights: the hub model if the profile names one, else our own run on the
-    unlabeled pool (computed once, resumed if interrupted). Writes ``metrics/pretrain.json``."""
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+def resolve_weights(name: str) -> str:
+    """A folder relative to the book's root if one exists there (or an absolute one), else ``name``
+    unchanged: a hub id."""
+    local = project_root() / Path(name).expanduser()
+    return str(local) if local.exists() else name
+
+
+def fingerprint(source: str) -> str:
+    """SHA-256 of a local checkpoint's weights; a hub id stands for itself."""
+    path = Path(source) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
+
+
+def _own_run(profile: Profile, progress: bool) -> tuple[Path, dict]:
     cfg = profile.pretrain
-    if cfg.hub_id:
-        params = sum(p.numel() for p in load_mae(cfg.hub_id).parameters())
-        metrics = {"source": cfg.hub_id, "steps": 0, "images_seen": 0, "seconds": 0.0, "params": params}
-        write_metrics(profile.name, "pretrain", metrics)
-        return Pretrained(cfg.hub_id, metrics)
     pool = ensure_dataset(profile).pool
-    key = {"pretrain": cfg, "data": profile.data}  # other images make other weights
+    key = {"pretrain": replace(cfg, weights=None), "data": profile.data}  # other images, other weights
     target = stage_dir(profile.name, "pretrain", key, "edgefm.pretrain")
     ensure_dir(target, lambda work: pretrain(cfg, pool, work, progress), config=key)
     saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
     state = TrainState(saved["step"], saved["seconds"], saved["losses"])
-    metrics = {"source": str(target / "mae"), **pretrain_metrics(cfg, state, saved["params"])}
+    return target / "mae", pretrain_metrics(cfg, state, saved["params"])
+
+
+def ensure_pretrained(profile: Profile | str | None = None, progress: bool = True) -> Pretrained:
+    """The profile's MAE: its own run on the unlabeled pool (computed once, resumed if
+    interrupted) unless ``steps`` is 0, and the weights detectors use, that run's or ``weights``.
+
+    Writes ``metrics/pretrain.json``: the run's figures, and under ``weights`` the record shipped
+    beside the named weights (their command, steps and losses), if there is one.
+    """
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    cfg = profile.pretrain
+    if cfg.steps <= 0 and not cfg.weights:
+        raise ValueError(f"profile {profile.name!r} neither pretrains (steps=0) nor names MAE weights")
+    run, metrics = (None, {"steps": 0, "images_seen": 0, "seconds": 0.0})
+    if cfg.steps > 0:
+        run, metrics = _own_run(profile, progress)
+    source = resolve_weights(cfg.weights) if cfg.weights else str(run)
+    if cfg.weights:
+        record = Path(source) / "pretrain.json"
+        metrics["weights"] = ({"source": cfg.weights, **json.loads(record.read_text(encoding="utf-8"))}
+                              if record.is_file() else {"source": cfg.weights})
+    if "params" not in metrics:
+        metrics["params"] = sum(p.numel() for p in load_mae(source).parameters())
+    metrics = {"source": source, **metrics}
     write_metrics(profile.name, "pretrain", metrics)
-    return Pretrained(str(target / "mae"), metrics)
+    return Pretrained(source, run, fingerprint(source), metrics)
+
+
+def export_pretrained(pretrained: Pretrained, profile: Profile, out: Path, command: str) -> Path:
+    """Copy the profile's own run (a ``save_pretrained`` folder, loadable like a hub id) to
+    ``out``, with what made it beside: the configs, the command and the loss log (``pretrain.json``)."""
+    if pretrained.run is None:
+        raise ValueError(f"profile {profile.name!r} has no pretraining run to export (steps=0)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        atomic_write_bytes(out / name, (pretrained.run / name).read_bytes())
+    figures = {k: v for k, v in pretrained.metrics.items() if k not in ("source", "weights")}
+    atomic_write_json(out / "pretrain.json", {
+        "command": command, "profile": profile.name,
+        "pretrain": plain(replace(profile.pretrain, weights=None)), "data": plain(profile.data), **figures,
+    })
+    return out
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ def load_mae(source: str | Path, decoder: bool = False):
             str(local if is_local else source), local_files_only=is_local or not download
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        hint = "" if is_local or download else f" (not cached; set {DOWNLOAD_ENV}=1 to download it)"
+        hint = "" if is_local or download else (
+            f" (no such folder, and not in the hub cache; set {DOWNLOAD_ENV}=1 to download it)")
         raise CheckpointError(f"{source}: cannot load MAE weights{hint}: {error}") from error
 
 
