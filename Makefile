@@ -11,8 +11,10 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
 # Each profile builds into its own folder, so each has its own jupyter cache.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
-# jupyter-cache hashes only a notebook's code cells: key the cache on the library's source too.
-LIBRARY_HASH = $(shell find src/edgefm -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+# jupyter-cache hashes only a notebook's code cells: key the cache on the library's source and the
+# shipped weights too.
+LIBRARY_HASH = $(shell (find src/edgefm -name '*.py'; find weights -type f 2>/dev/null) | LC_ALL=C sort \
+	| xargs cat | sha256sum | cut -c1-16)
 
 .PHONY: setup system-deps apt-get-fashion-mnist browser apt-get-chromium book book-smoke pdf test lint clean
 

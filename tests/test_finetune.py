@@ -90,3 +90,6 @@ def test_feasibility_writes_every_required_figure(fashion_dir):
     assert [p["fraction"] for p in metrics["label_efficiency"]] == [0.1, 0.3, 1.0]
     assert all(0 <= p["map_mae"] <= 1 and 0 <= p["map_scratch"] <= 1 for p in metrics["label_efficiency"])
     assert metrics["map"] == metrics["label_efficiency"][-1]["map_mae"]
+    spread = metrics["seed_spread"]
+    assert spread["seeds"] == [0, 1] and spread["spread"] == max(spread["maps"]) - min(spread["maps"])
+    assert spread["maps"][0] == metrics["map"]  # smoke's spread runs are as long as A: seed 0 is A

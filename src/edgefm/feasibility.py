@@ -21,6 +21,18 @@ def evaluate_finetuned(trained: Finetuned, split: CocoSplit) -> dict:
     return evaluate_split(torch_runner(model), split, trained.config.detector, model.stride)
 
 
+def seed_spread(profile: Profile, split: CocoSplit, progress: bool = True) -> dict:
+    """mAP of A's recipe, shortened to ``spread_steps``, for seed 0 and each of ``spread_seeds``:
+    how far apart two runs that differ only by chance land (init of the new layers, batch order)."""
+    full = max(profile.label_fractions)
+    seeds = (profile.finetune.seed, *profile.spread_seeds)
+    maps = [evaluate_finetuned(ensure_finetuned(profile, "mae", full, progress, seed=seed,
+                                                steps=profile.spread_steps), split)["map"]
+            for seed in seeds]
+    return {"steps": profile.spread_steps, "seeds": list(seeds), "maps": maps,
+            "spread": max(maps) - min(maps)}
+
+
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:
     """Train (or load) A, its random-init twin and the label-efficiency runs; write the metrics."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -49,5 +61,6 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
         "checkpoint": str(model_a.path),
     }
     metrics["map_gain_mae"] = metrics["map"] - metrics["map_scratch"]
+    metrics["seed_spread"] = seed_spread(profile, eval_split, progress)
     write_metrics(profile.name, "feasibility", metrics)
     return metrics

@@ -149,12 +149,14 @@ class Finetuned:
 
 
 def ensure_finetuned(profile: Profile | str | None = None, init: str | None = None,
-                     label_fraction: float | None = None, progress: bool = True) -> Finetuned:
+                     label_fraction: float | None = None, progress: bool = True,
+                     **overrides) -> Finetuned:
     """The profile's detector for an ``init`` and label fraction (default: the profile's), trained
-    once and cached; the key covers the MAE weights' content too when they are used."""
+    once and cached; ``overrides`` replace other :class:`FinetuneConfig` fields (``seed``,
+    ``steps``). The key covers the MAE weights' content too when they are used."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     cfg = replace(profile.finetune, init=init or profile.finetune.init,
-                  label_fraction=label_fraction or profile.finetune.label_fraction)
+                  label_fraction=label_fraction or profile.finetune.label_fraction, **overrides)
     if cfg.init not in ("mae", "random"):
         raise ValueError(f"unknown init {cfg.init!r}; use 'mae' or 'random'")
     dataset = ensure_dataset(profile)
