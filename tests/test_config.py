@@ -31,3 +31,21 @@ def test_default_profile_meets_dataset_brief():
     data = load_profile("default").data
     assert data.image_size == 128 and data.items_per_scene == (1, 6)
     assert data.eval_scenes >= 500 and data.pool_images >= 20000 and data.train_scenes >= 1000
+
+
+def test_shipped_weights_match_the_default_backbone_and_say_how_they_were_made():
+    import json
+    from pathlib import Path
+
+    from edgefm.artifacts import plain
+    from edgefm.models import load_mae_backbone
+
+    profile = load_profile("default")
+    folder = Path(__file__).resolve().parents[1] / profile.pretrain.weights
+    assert (folder / "model.safetensors").stat().st_size <= 15 * 2**20  # issue 3's limit
+    record = json.loads((folder / "pretrain.json").read_text())
+    assert record["command"].startswith("edgefm --profile default pretrain --steps ")
+    assert record["pretrain"]["backbone"] == plain(profile.pretrain.backbone)
+    assert record["data"]["seed"] == profile.data.seed and record["loss_last"] < record["loss_first"]
+    backbone = load_mae_backbone(folder, expect=profile.pretrain.backbone)
+    assert backbone.vit.pos_embed.abs().max() > 0
