@@ -129,3 +129,15 @@ def test_metrics_round_trip_and_missing_stage():
     assert read_metrics("smoke", "data") == {"train_images": 3}
     with pytest.raises(FileNotFoundError, match="no metrics for stage 'pretrain'"):
         read_metrics("smoke", "pretrain")
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from edgefm.artifacts import atomic_write_json
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = atomic_write_json(tmp_path / "m.json", {"a": 1})
+    (tmp_path / "plain.json").write_text("{}")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -22,6 +22,8 @@ from functools import cache
 from pathlib import Path
 
 ARTIFACTS_ENV = "EDGEFM_ARTIFACTS"
+_UMASK = os.umask(0o022)  # read the process umask (the only way) and put it straight back
+os.umask(_UMASK)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -153,7 +155,8 @@ def ensure_dir(target: Path, build: Callable[[Path], None], config: object = Non
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path`` with the
+    permissions a plain ``open`` would give (``mkstemp`` makes its files private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -161,6 +164,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

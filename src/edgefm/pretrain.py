@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -173,7 +174,16 @@ def resolve_weights(name: str) -> str:
 def fingerprint(source: str) -> str:
     """SHA-256 of a local checkpoint's weights; a hub id stands for itself."""
     path = Path(source) / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else source
+    if not path.is_file():
+        return source
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per file version: every detector built on the weights asks for it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _own_run(profile: Profile, progress: bool) -> tuple[Path, dict]:
@@ -201,8 +211,9 @@ def ensure_pretrained(profile: Profile | str | None = None, progress: bool = Tru
     run, metrics = (None, {"steps": 0, "images_seen": 0, "seconds": 0.0})
     if cfg.steps > 0:
         run, metrics = _own_run(profile, progress)
-    source = resolve_weights(cfg.weights) if cfg.weights else str(run)
+    source = str(run)
     if cfg.weights:
+        source = resolve_weights(cfg.weights)
         record = Path(source) / "pretrain.json"
         metrics["weights"] = ({"source": cfg.weights, **json.loads(record.read_text(encoding="utf-8"))}
                               if record.is_file() else {"source": cfg.weights})
