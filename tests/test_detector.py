@@ -14,7 +14,7 @@ from edgefm.config import BackboneConfig
 from edgefm.data import CocoDetection, CocoSplit, collate, detection_transforms
 from edgefm.evaluate import coco_evaluate, to_coco_results
 from edgefm.models import ViTBackbone, build_vit
-from edgefm.models.centernet import centernet_loss, centernet_targets, decode, focal_loss
+from edgefm.models.centernet import cell_centres, centernet_loss, centernet_targets, decode, focal_loss
 from edgefm.models.detector import Detector
 
 
@@ -30,52 +30,68 @@ def test_decoder_on_hand_made_outputs():
     heat[0, 1, 2, 3] = 3.0   # a confident class-1 peak at cell (x=3, y=2)
     heat[0, 1, 2, 4] = 2.0   # its weaker neighbour: suppressed by the 3x3 maximum
     heat[0, 2, 6, 1] = 0.0   # a class-2 peak at probability 0.5
-    size = np.zeros((1, 2, 8, 8), np.float32)
-    offset = np.zeros((1, 2, 8, 8), np.float32)
-    size[0, :, 2, 3] = (2.0, 1.0)
-    offset[0, :, 2, 3] = (0.5, 0.25)
-    size[0, :, 6, 1] = (1.0, 1.0)
-    (found,) = decode(heat, size, offset, stride=4.0)
+    distances = np.zeros((1, 4, 8, 8), np.float32)
+    distances[0, :, 2, 3] = (4.0, 1.0, 2.0, 3.0)  # left, top, right, bottom from the cell centre
+    distances[0, :, 6, 1] = (2.0, 2.0, 2.0, 2.0)
+    (found,) = decode(heat, distances, stride=4.0)
     assert found["labels"].tolist() == [1, 2]
     np.testing.assert_allclose(found["scores"], [1 / (1 + np.exp(-3)), 0.5], rtol=1e-6)
-    # centre (3.5, 2.25) cells = (14, 9) px, size 8 x 4 px
-    np.testing.assert_allclose(found["boxes"][0], [10, 7, 18, 11])
-    np.testing.assert_allclose(found["boxes"][1], [2, 22, 6, 26])
-    assert len(decode(heat, size, offset, 4.0, score_threshold=0.6)[0]["boxes"]) == 1
-    assert len(decode(np.zeros((2, 3, 16, 16), np.float32), size[:, :, :1, :1].repeat(16, 2).repeat(16, 3)
-                      .repeat(2, 0), offset[:, :, :1, :1].repeat(16, 2).repeat(16, 3).repeat(2, 0), 4.0,
-                      max_detections=100)[1]["boxes"]) == 100
+    # cell (3, 2) has its centre at (14, 10) px; cell (1, 6) at (6, 26) px
+    np.testing.assert_allclose(found["boxes"][0], [10, 9, 16, 13])
+    np.testing.assert_allclose(found["boxes"][1], [4, 24, 8, 28])
+    assert len(decode(heat, distances, 4.0, score_threshold=0.6)[0]["boxes"]) == 1
+    many = decode(np.zeros((2, 3, 16, 16), np.float32), np.ones((2, 4, 16, 16), np.float32), 4.0,
+                  max_detections=100)
+    assert len(many[1]["boxes"]) == 100
 
 
 def test_targets_on_a_hand_made_box():
     boxes = torch.tensor([[8.0, 4.0, 24.0, 12.0]])  # centre (16, 8) px -> cell (4, 2) at stride 4
     target = centernet_targets(boxes, torch.tensor([2]), num_classes=3, out_size=(8, 8), stride=4.0)
-    assert target["heatmap"].shape == (3, 8, 8)
+    assert target["heatmap"].shape == (3, 8, 8) and target["box"].shape == (4, 8, 8)
     assert target["heatmap"][2, 2, 4] == 1 and target["heatmap"][2].max() == 1
     assert target["heatmap"][:2].sum() == 0
-    assert target["index"].tolist() == [2 * 8 + 4]
-    assert target["size"].tolist() == [[4.0, 2.0]] and target["offset"].tolist() == [[0.0, 0.0]]
+    sampled = target["box_weight"] > 0
+    assert sampled[2, 4] and sampled.sum() < 64  # the centre cell, not the whole map
+    assert torch.isclose(target["box_weight"].sum(), torch.log(torch.tensor(16.0 * 8.0)))
+    assert (boxes == target["box"][:, sampled].T).all()
 
 
-def perfect_outputs(target, num_classes=3, size=8):
+def test_smaller_objects_own_the_cells_they_share():
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [12.0, 12.0, 20.0, 20.0]])
+    target = centernet_targets(boxes, torch.tensor([0, 1]), 2, (8, 8), 4.0)
+    assert target["box"][:, 4, 4].tolist() == boxes[1].tolist()
+    assert target["heatmap"][0, 4, 4] == 1 and target["heatmap"][1, 4, 4] == 1
+
+
+def perfect_outputs(target, num_classes=3, size=8, stride=4.0):
     heat = torch.full((1, num_classes, size, size), -12.0)
     heat[0][target["heatmap"] == 1] = 12.0
-    sizes, offsets = torch.zeros(1, 2, size * size), torch.zeros(1, 2, size * size)
-    sizes[0][:, target["index"]] = target["size"].T
-    offsets[0][:, target["index"]] = target["offset"].T
-    return heat, sizes.view(1, 2, size, size), offsets.view(1, 2, size, size)
+    xs, ys = cell_centres((size, size), stride)
+    x0, y0, x1, y1 = target["box"]
+    distances = torch.stack([xs - x0, ys - y0, x1 - xs, y1 - ys]) * (target["box_weight"] > 0)
+    return heat, distances[None]
 
 
 def test_loss_is_near_zero_for_the_perfect_prediction_and_decode_inverts_targets():
     boxes = torch.tensor([[3.0, 5.0, 17.0, 13.0], [20.0, 18.0, 30.0, 31.0]])
     target = centernet_targets(boxes, torch.tensor([0, 2]), 3, (8, 8), 4.0)
     outputs = perfect_outputs(target)
-    losses = centernet_loss(outputs, [target])
-    assert losses["size"] == 0 and losses["offset"] == 0
-    blank = centernet_loss((torch.zeros_like(outputs[0]), *outputs[1:]), [target])
-    assert losses["heatmap"] < 0.01 * blank["heatmap"]
+    losses = centernet_loss(outputs, [target], stride=4.0)
+    assert losses["box"] < 1e-6
+    blank = centernet_loss((torch.zeros_like(outputs[0]), torch.zeros_like(outputs[1])), [target], 4.0)
+    assert losses["heatmap"] < 0.01 * blank["heatmap"] and blank["box"] > 0.5
     (found,) = decode(*(o.numpy() for o in outputs), stride=4.0)
     np.testing.assert_allclose(found["boxes"][np.argsort(found["labels"])], boxes.numpy(), atol=1e-5)
+
+
+def test_box_loss_gradient_moves_distances_towards_the_box():
+    boxes = torch.tensor([[8.0, 8.0, 24.0, 24.0]])
+    target = centernet_targets(boxes, torch.tensor([0]), 1, (8, 8), 4.0)
+    heat = torch.zeros(1, 1, 8, 8)
+    distances = torch.full((1, 4, 8, 8), 2.0, requires_grad=True)  # boxes far too small
+    centernet_loss((heat, distances), [target], stride=4.0)["box"].backward()
+    assert (distances.grad[0, :, 4, 4] < 0).all()  # every side should grow
 
 
 def test_focal_loss_rewards_the_right_peak():
@@ -91,11 +107,11 @@ def test_detector_outputs_and_onnx_parity(tmp_path):
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         outputs = model(images)
-    assert [tuple(o.shape) for o in outputs] == [(1, 3, 32, 32), (1, 2, 32, 32), (1, 2, 32, 32)]
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 32, 32), (1, 4, 32, 32)]
     assert model.stride == 2.0
     path = tmp_path / "detector.onnx"
     torch.onnx.export(model, (images,), str(path), input_names=["images"],
-                      output_names=["heatmap", "size", "offset"])
+                      output_names=["heatmap", "boxes"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_outputs = session.run(None, {"images": images.numpy()})
     for ours, theirs in zip(outputs, onnx_outputs, strict=True):
@@ -138,7 +154,7 @@ def test_tiny_detector_overfits_two_scenes(tmp_path):
     encoded = [centernet_targets(t["boxes"], t["labels"], 3, out_size, model.stride) for t in targets]
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(120):
-        loss = centernet_loss(model(images), encoded)["total"]
+        loss = centernet_loss(model(images), encoded, model.stride)["total"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

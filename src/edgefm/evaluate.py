@@ -21,7 +21,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.models.centernet import decode
 
 # A model as evaluation sees it: float32 images (B, 3, S, S) in [0, 1] -> the head's raw arrays.
-RunModel = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+RunModel = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 SIZES = ("small", "medium", "large")
 

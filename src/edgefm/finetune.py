@@ -108,7 +108,7 @@ def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDa
         images, targets = collate([train[int(i)] for i in chosen])
         encoded = [centernet_targets(t["boxes"], t["labels"], model.num_classes, out_size, model.stride)
                    for t in targets]
-        losses = centernet_loss(model(images), encoded)
+        losses = centernet_loss(model(images), encoded, model.stride)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

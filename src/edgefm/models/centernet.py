@@ -1,9 +1,15 @@
-"""A CenterNet-style anchor-free head: its targets, its loss and its decoder.
+"""A CenterNet-style anchor-free head with TTFNet's box regression: targets, loss and decoder.
 
-Each object is a peak on a per-class heatmap at its box centre, plus the box's size and the
-sub-cell offset of the centre, regressed at that peak (Zhou et al., 2019, "Objects as Points").
+Each object is a peak on a per-class heatmap at its box centre (Zhou et al., 2019, "Objects as
+Points"). CenterNet regresses the box at that one peak cell, which makes it slow to train: one
+regression sample per object per image. TTFNet (Liu et al., 2020) regresses the distances from a
+cell to the box's four sides at every cell under the object's Gaussian, weighted by the Gaussian
+and by the log of the box area, with a GIoU loss: many samples per object, and a loss that is the
+overlap the metric scores. On the scenes that took mAP@[.5:.95] from 0.092 to 0.128 in the same
+600 steps (see the issue notes).
+
 Decoding keeps the local maxima of the heatmap (a 3x3 max filter stands in for NMS) and the top
-100 of them, so the network's graph ends at three plain tensors and the decoder is a few lines of
+100 of them, so the network's graph ends at two plain tensors and the decoder is a few lines of
 NumPy that serve PyTorch, ONNX Runtime and a device alike.
 """
 
@@ -15,65 +21,89 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import generalized_box_iou_loss
 
 PRIOR = 0.1  # initial heatmap probability: keeps the focal loss sane at the first steps
 
 
 class CenterNetHead(nn.Module):
-    """Heatmap logits (num_classes), box size (2, in output cells) and centre offset (2)."""
+    """Heatmap logits (num_classes) and box distances (4: left, top, right, bottom, in input pixels).
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 64):
+    Distances go through a softplus, not TTFNet's ReLU: a ReLU that starts negative never
+    recovers (the tiny test detector's boxes stayed at zero size), a softplus always has a gradient.
+    ``box_scale`` makes one unit of the raw output a typical object half-size.
+    """
+
+    def __init__(self, channels: int, num_classes: int, hidden: int = 64, box_scale: float = 16.0):
         super().__init__()
 
         def branch(out: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
                                  nn.Conv2d(hidden, out, 1))
 
-        self.heatmap, self.size, self.offset = branch(num_classes), branch(2), branch(2)
+        self.heatmap, self.box = branch(num_classes), branch(4)
+        self.box_scale = box_scale
         nn.init.constant_(self.heatmap[-1].bias, -math.log((1 - PRIOR) / PRIOR))
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.heatmap(features), self.size(features), self.offset(features)
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heatmap(features), F.softplus(self.box(features)) * self.box_scale
 
 
-def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
-    """CornerNet's radius: how far a centre may move while the box keeps ``min_overlap`` IoU."""
-    b1, c1 = height + width, width * height * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + math.sqrt(b1**2 - 4 * c1)) / 2
-    b2, c2 = 2 * (height + width), (1 - min_overlap) * width * height
-    r2 = (b2 + math.sqrt(b2**2 - 16 * c2)) / 2
-    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (height + width), (min_overlap - 1) * width * height
-    r3 = (b3 + math.sqrt(b3**2 - 4 * a3 * c3)) / 2
-    return min(r1, r2, r3)
+GAUSSIAN_ALPHA = 0.54  # TTFNet's kernel size, as a fraction of the box, for heatmap and box samples
 
 
-def _draw_gaussian(heatmap: torch.Tensor, cx: int, cy: int, radius: int) -> None:
-    sigma = (2 * radius + 1) / 6
-    ys, xs = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1),
-                            indexing="ij")
-    blob = torch.exp(-(xs**2 + ys**2) / (2 * sigma**2))
-    height, width = heatmap.shape
-    top, bottom = min(cy, radius), min(height - cy, radius + 1)
-    left, right = min(cx, radius), min(width - cx, radius + 1)
-    region = heatmap[cy - top : cy + bottom, cx - left : cx + right]
-    torch.maximum(region, blob[radius - top : radius + bottom, radius - left : radius + right], out=region)
+def _gaussian(out_size: tuple[int, int], cx: int, cy: int, w: float, h: float) -> torch.Tensor:
+    """TTFNet's elliptical Gaussian at cell (cx, cy) for a w x h (cells) box, zero outside its
+    ``alpha``-scaled box; the centre cell is exactly 1."""
+    height, width = out_size
+    rx, ry = max(0, int(GAUSSIAN_ALPHA * w / 2)), max(0, int(GAUSSIAN_ALPHA * h / 2))
+    sx, sy = (2 * rx + 1) / 6, (2 * ry + 1) / 6
+    dx = (torch.arange(width) - cx).float().view(1, -1)
+    dy = (torch.arange(height) - cy).float().view(-1, 1)
+    blob = torch.exp(-(dx**2 / (2 * sx**2) + dy**2 / (2 * sy**2)))
+    return blob * ((dx.abs() <= rx) & (dy.abs() <= ry))
 
 
 def centernet_targets(
     boxes: torch.Tensor, labels: torch.Tensor, num_classes: int, out_size: tuple[int, int], stride: float
 ) -> dict[str, torch.Tensor]:
-    """Training targets for one image: XYXY ``boxes`` in input pixels, ``labels`` 0..C-1."""
+    """Training targets for one image: XYXY ``boxes`` in input pixels, ``labels`` 0..C-1.
+
+    ``heatmap`` (C, h, w) has a Gaussian per object; ``box`` (4, h, w) holds, at every cell under
+    an object's Gaussian, that object's box, and ``box_weight`` (h, w) the Gaussian normalised to
+    sum to log(area) per object (TTFNet): many regression samples per object, not one.
+    Smaller objects are drawn last, so they own the cells they share with larger ones.
+    """
     height, width = out_size
     heatmap = torch.zeros(num_classes, height, width)
-    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2) / stride
-    cells = centres.floor().long()
-    cells[:, 0].clamp_(0, width - 1)
-    cells[:, 1].clamp_(0, height - 1)
-    sizes = (boxes[:, 2:] - boxes[:, :2]) / stride
-    for (cx, cy), (w, h), label in zip(cells.tolist(), sizes.tolist(), labels.tolist(), strict=True):
-        _draw_gaussian(heatmap[label], cx, cy, max(0, int(gaussian_radius(h, w))))
-    return {"heatmap": heatmap, "index": cells[:, 1] * width + cells[:, 0], "size": sizes,
-            "offset": centres - cells.float()}
+    box_target = torch.zeros(4, height, width)
+    box_weight = torch.zeros(height, width)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for i in torch.argsort(areas, descending=True).tolist():
+        x0, y0, x1, y1 = (boxes[i] / stride).tolist()
+        cx = min(max(int((x0 + x1) / 2), 0), width - 1)
+        cy = min(max(int((y0 + y1) / 2), 0), height - 1)
+        blob = _gaussian(out_size, cx, cy, x1 - x0, y1 - y0)
+        label = int(labels[i])
+        torch.maximum(heatmap[label], blob, out=heatmap[label])
+        inside = blob > 0
+        box_target[:, inside] = boxes[i].view(4, 1)
+        box_weight[inside] = blob[inside] / blob[inside].sum() * torch.log(areas[i].clamp(min=2))
+    return {"heatmap": heatmap, "box": box_target, "box_weight": box_weight}
+
+
+def cell_centres(out_size: tuple[int, int], stride: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y of every output cell's centre in input pixels, each (h, w)."""
+    height, width = out_size
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return (xs + 0.5) * stride, (ys + 0.5) * stride
+
+
+def distances_to_boxes(distances: torch.Tensor, stride: float) -> torch.Tensor:
+    """(B, 4, h, w) left/top/right/bottom distances -> (B, 4, h, w) XYXY boxes in input pixels."""
+    xs, ys = cell_centres(distances.shape[-2:], stride)
+    left, top, right, bottom = distances.unbind(1)
+    return torch.stack([xs - left, ys - top, xs + right, ys + bottom], dim=1)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,26 +116,20 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def centernet_loss(
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], targets: list[dict[str, torch.Tensor]],
-    size_weight: float = 0.1, offset_weight: float = 1.0,
+    outputs: tuple[torch.Tensor, torch.Tensor], targets: list[dict[str, torch.Tensor]],
+    stride: float, box_weight: float = 5.0,
 ) -> dict[str, torch.Tensor]:
-    """The three CenterNet losses over a batch; ``total`` is their weighted sum."""
-    heat_logits, size, offset = outputs
+    """Focal loss on the heatmaps plus TTFNet's weighted GIoU loss on the boxes of every sampled
+    cell; ``total`` is their weighted sum."""
+    heat_logits, distances = outputs
     heatmap = focal_loss(heat_logits, torch.stack([t["heatmap"] for t in targets]))
-    size_losses, offset_losses, count = [], [], 0
-    for i, target in enumerate(targets):
-        if len(target["index"]) == 0:
-            continue
-        pred_size = size[i].flatten(1)[:, target["index"]].T
-        pred_offset = offset[i].flatten(1)[:, target["index"]].T
-        size_losses.append(F.l1_loss(pred_size, target["size"], reduction="sum"))
-        offset_losses.append(F.l1_loss(pred_offset, target["offset"], reduction="sum"))
-        count += len(target["index"])
-    zero = heat_logits.sum() * 0
-    size_loss = sum(size_losses, zero) / max(count, 1)
-    offset_loss = sum(offset_losses, zero) / max(count, 1)
-    total = heatmap + size_weight * size_loss + offset_weight * offset_loss
-    return {"total": total, "heatmap": heatmap, "size": size_loss, "offset": offset_loss}
+    weights = torch.stack([t["box_weight"] for t in targets])
+    chosen = weights > 0
+    predicted = distances_to_boxes(distances, stride).permute(0, 2, 3, 1)[chosen]
+    wanted = torch.stack([t["box"] for t in targets]).permute(0, 2, 3, 1)[chosen]
+    giou = generalized_box_iou_loss(predicted, wanted, reduction="none")
+    box = (giou * weights[chosen]).sum() / weights.sum().clamp(min=1e-4)
+    return {"total": heatmap + box_weight * box, "heatmap": heatmap, "box": box}
 
 
 def _max_filter3(x: np.ndarray) -> np.ndarray:
@@ -117,7 +141,7 @@ def _max_filter3(x: np.ndarray) -> np.ndarray:
 
 
 def decode(
-    heat_logits: np.ndarray, size: np.ndarray, offset: np.ndarray, stride: float,
+    heat_logits: np.ndarray, distances: np.ndarray, stride: float,
     max_detections: int = 100, score_threshold: float = 0.01,
 ) -> list[dict[str, np.ndarray]]:
     """Detections from raw head outputs (NumPy arrays, batch first): per image a dict of XYXY
@@ -134,10 +158,9 @@ def decode(
         top = top[flat[top] >= score_threshold]
         labels, cell = np.divmod(top, height * width)
         ys, xs = np.divmod(cell, width)
-        cx = (xs + offset[b, 0, ys, xs]) * stride
-        cy = (ys + offset[b, 1, ys, xs]) * stride
-        w, h = size[b, 0, ys, xs] * stride, size[b, 1, ys, xs] * stride
-        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).astype(np.float32)
+        cx, cy = (xs + 0.5) * stride, (ys + 0.5) * stride
+        left, top_, right, bottom = (distances[b, i, ys, xs] for i in range(4))
+        boxes = np.stack([cx - left, cy - top_, cx + right, cy + bottom], axis=1).astype(np.float32)
         np.clip(boxes, 0, [width * stride, height * stride] * 2, out=boxes)
         results.append({"boxes": boxes, "scores": flat[top].astype(np.float32),
                         "labels": labels.astype(np.int64)})

@@ -44,6 +44,6 @@ class Detector(nn.Module):
             fused = fused + F.interpolate(level, size=finest, mode="nearest")
         return fused
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw ``(heatmap_logits, size, offset)``: (B, C, h, w), (B, 2, h, w), (B, 2, h, w)."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``(heatmap_logits, box_distances)``: (B, C, h, w) and (B, 4, h, w)."""
         return self.head(self.forward_features(images))
