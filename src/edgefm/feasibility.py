@@ -1,9 +1,10 @@
 """The feasibility model A and what its foundation model is worth, measured.
 
 Model A is the detector fine-tuned from the MAE encoder on all labelled train scenes. The same
-detector, recipe and number of steps from a random encoder is the baseline; repeating both on
-nested fractions of the labels gives the label-efficiency curve. Everything is evaluated once,
-on the eval scenes, with COCOeval, and recorded in ``metrics/feasibility.json``.
+detector, recipe and number of steps from a random encoder is the baseline. Both again, shortened
+to the profile's ``curve_steps``, on nested fractions of the labels give the label-efficiency
+curve; A's shortened recipe with other seeds gives the seed-to-seed spread. Everything is
+evaluated once, on the eval scenes, with COCOeval, and recorded in ``metrics/feasibility.json``.
 """
 
 from __future__ import annotations
@@ -22,37 +23,40 @@ def evaluate_finetuned(trained: Finetuned, split: CocoSplit) -> dict:
 
 
 def seed_spread(profile: Profile, split: CocoSplit, progress: bool = True) -> dict:
-    """mAP of A's recipe, shortened to ``spread_steps``, for seed 0 and each of ``spread_seeds``:
-    how far apart two runs that differ only by chance land (init of the new layers, batch order)."""
+    """mAP of A's recipe, shortened to ``curve_steps``, for seed 0 and each of ``spread_seeds``:
+    how far apart two runs that differ only by chance land (init of the new layers, batch order).
+    Seed 0's run is the label-efficiency curve's all-labels MAE run (same config, same cache)."""
     full = max(profile.label_fractions)
     seeds = (profile.finetune.seed, *profile.spread_seeds)
     maps = [evaluate_finetuned(ensure_finetuned(profile, "mae", full, progress, seed=seed,
-                                                steps=profile.spread_steps), split)["map"]
+                                                steps=profile.curve_steps), split)["map"]
             for seed in seeds]
-    return {"steps": profile.spread_steps, "seeds": list(seeds), "maps": maps,
+    return {"steps": profile.curve_steps, "seeds": list(seeds), "maps": maps,
             "spread": max(maps) - min(maps)}
 
 
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:
     """Train (or load) A, its random-init twin and the label-efficiency runs; write the metrics."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    runs = {(init, fraction): ensure_finetuned(profile, init, fraction, progress)
-            for fraction in profile.label_fractions for init in ("mae", "random")}
     full = max(profile.label_fractions)
+    model_a, scratch = (ensure_finetuned(profile, init, full, progress) for init in ("mae", "random"))
+    curve = {(init, fraction): ensure_finetuned(profile, init, fraction, progress, steps=profile.curve_steps)
+             for fraction in profile.label_fractions for init in ("mae", "random")}
     eval_split = ensure_dataset(profile).eval
-    scores = {key: evaluate_finetuned(trained, eval_split) for key, trained in runs.items()}
-    model_a, scratch = runs[("mae", full)], runs[("random", full)]
+    score_a, score_scratch = evaluate_finetuned(model_a, eval_split), evaluate_finetuned(scratch, eval_split)
+    scores = {key: evaluate_finetuned(trained, eval_split) for key, trained in curve.items()}
     metrics = {
-        **scores[("mae", full)],
-        "map_scratch": scores[("random", full)]["map"],
-        "map50_scratch": scores[("random", full)]["map50"],
-        "per_class_scratch": scores[("random", full)]["per_class"],
+        **score_a,
+        "map_scratch": score_scratch["map"],
+        "map50_scratch": score_scratch["map50"],
+        "per_class_scratch": score_scratch["per_class"],
         "params": sum(p.numel() for p in load_detector(model_a).parameters()),
         "train_seconds": round(model_a.state.seconds, 1),
         "train_seconds_scratch": round(scratch.state.seconds, 1),
         "steps": model_a.state.step,
         "losses": model_a.state.losses, "losses_scratch": scratch.state.losses,
         "val_curve": model_a.state.evals, "val_curve_scratch": scratch.state.evals,
+        "curve_steps": profile.curve_steps,
         "label_efficiency": [
             {"fraction": f, "map_mae": scores[("mae", f)]["map"], "map_scratch": scores[("random", f)]["map"],
              "map50_mae": scores[("mae", f)]["map50"], "map50_scratch": scores[("random", f)]["map50"]}
