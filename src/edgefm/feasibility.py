@@ -9,6 +9,9 @@ evaluated once, on the eval scenes, with COCOeval, and recorded in ``metrics/fea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from edgefm.artifacts import write_metrics
 from edgefm.config import Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
@@ -22,15 +25,16 @@ def evaluate_finetuned(trained: Finetuned, split: CocoSplit) -> dict:
     return evaluate_split(torch_runner(model), split, trained.config.detector, model.stride)
 
 
-def seed_spread(profile: Profile, split: CocoSplit, progress: bool = True) -> dict:
+def seed_spread(profile: Profile, score: Callable[[Finetuned], dict], progress: bool = True) -> dict:
     """mAP of A's recipe, shortened to ``curve_steps``, for seed 0 and each of ``spread_seeds``:
     how far apart two runs that differ only by chance land (init of the new layers, batch order).
-    Seed 0's run is the label-efficiency curve's all-labels MAE run (same config, same cache)."""
+    Seed 0's run is the label-efficiency curve's all-labels MAE run (same config, same cache);
+    ``score`` evaluates a run (the caller's, so a run it already scored is not evaluated again)."""
     full = max(profile.label_fractions)
     seeds = (profile.finetune.seed, *profile.spread_seeds)
-    maps = [evaluate_finetuned(ensure_finetuned(profile, "mae", full, progress, seed=seed,
-                                                steps=profile.curve_steps), split)["map"]
+    runs = [ensure_finetuned(profile, "mae", full, progress, seed=seed, steps=profile.curve_steps)
             for seed in seeds]
+    maps = [score(trained)["map"] for trained in runs]
     return {"steps": profile.curve_steps, "seeds": list(seeds), "maps": maps,
             "spread": max(maps) - min(maps)}
 
@@ -43,8 +47,15 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
     curve = {(init, fraction): ensure_finetuned(profile, init, fraction, progress, steps=profile.curve_steps)
              for fraction in profile.label_fractions for init in ("mae", "random")}
     eval_split = ensure_dataset(profile).eval
-    score_a, score_scratch = evaluate_finetuned(model_a, eval_split), evaluate_finetuned(scratch, eval_split)
-    scores = {key: evaluate_finetuned(trained, eval_split) for key, trained in curve.items()}
+    by_path: dict[Path, dict] = {}  # a run that serves two roles (e.g. curve and spread) is scored once
+
+    def score(trained: Finetuned) -> dict:
+        if trained.path not in by_path:
+            by_path[trained.path] = evaluate_finetuned(trained, eval_split)
+        return by_path[trained.path]
+
+    score_a, score_scratch = score(model_a), score(scratch)
+    scores = {key: score(trained) for key, trained in curve.items()}
     metrics = {
         **score_a,
         "map_scratch": score_scratch["map"],
@@ -65,6 +76,6 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
         "checkpoint": str(model_a.path),
     }
     metrics["map_gain_mae"] = metrics["map"] - metrics["map_scratch"]
-    metrics["seed_spread"] = seed_spread(profile, eval_split, progress)
+    metrics["seed_spread"] = seed_spread(profile, score, progress)
     write_metrics(profile.name, "feasibility", metrics)
     return metrics

@@ -5,8 +5,8 @@ Points"). CenterNet regresses the box at that one peak cell, which makes it slow
 regression sample per object per image. TTFNet (Liu et al., 2020) regresses the distances from a
 cell to the box's four sides at every cell under the object's Gaussian, weighted by the Gaussian
 and by the log of the box area, with a GIoU loss: many samples per object, and a loss that is the
-overlap the metric scores. On the scenes that took mAP@[.5:.95] from 0.092 to 0.128 in the same
-600 steps (see the issue notes).
+overlap the metric scores. On the default scenes this raised val mAP@[.5:.95] from 0.092 to 0.128
+in the same 600 steps of 16.
 
 Decoding keeps the local maxima of the heatmap (a 3x3 max filter stands in for NMS) and the top
 100 of them, so the network's graph ends at two plain tensors and the decoder is a few lines of
