@@ -69,8 +69,12 @@ def test_code_hash_follows_imports(tmp_path, monkeypatch):
     (pkg / "config.py").write_text("C = 2\n")  # configs are keyed by value, not by code
     code_hash.cache_clear()
     assert code_hash("edgefm.sub.stage") == before
+    # rewording a docstring or a comment keeps the result; changing code does not
+    (pkg / "leaf.py").write_text('"""The leaf."""\nX = 1  # one\n')
+    code_hash.cache_clear()
+    assert code_hash("edgefm.sub.stage") == before
     for imported in (pkg / "leaf.py", pkg / "sub" / "helper.py"):
-        imported.write_text(imported.read_text() + "# edited\n")
+        imported.write_text(imported.read_text() + "W = 0\n")
         code_hash.cache_clear()
         assert code_hash("edgefm.sub.stage") != before
         before = code_hash("edgefm.sub.stage")

@@ -83,8 +83,9 @@ _NOT_CODE = {"edgefm.config"}
 
 @cache
 def code_hash(*modules: str) -> str:
-    """Hash the source of ``modules`` and of every ``edgefm`` module they import, transitively
-    (except :mod:`edgefm.config`, whose values are hashed instead)."""
+    """Hash the code of ``modules`` and of every ``edgefm`` module they import, transitively
+    (except :mod:`edgefm.config`, whose values are hashed instead); docstrings and comments
+    do not count."""
     seen: dict[str, Path] = {}
     todo = list(modules)
     while todo:
@@ -96,8 +97,21 @@ def code_hash(*modules: str) -> str:
         todo.extend(_edgefm_imports(path, name))
     digest = hashlib.sha256()
     for name in sorted(seen):
-        digest.update(name.encode() + b"\0" + seen[name].read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + _code_only(seen[name]).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _code_only(path: Path) -> str:
+    """The module's syntax tree without docstrings (comments never reach it): rewording the
+    explanation of a stage must not throw away hours of its training."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def library_hash() -> str:
