@@ -89,32 +89,94 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    import numpy as np
     from matplotlib import pyplot as plt
     from torchvision.transforms.v2 import functional as F
 
     from edgefm.data.coco import read_image
     from edgefm.data.transforms import Letterbox
-    from edgefm.finetune import ensure_finetuned, load_detector
+    from edgefm.export import onnx_runner, open_session
+    from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
     from edgefm.models.centernet import decode
     from edgefm.viz import draw_boxes
 
     profile = load_profile(args.profile)
     trained = ensure_finetuned(profile, args.init, args.fraction)
-    model, names = load_detector(trained), trained.class_names
-    size = trained.config.detector.image_size
+    run = onnx_runner(open_session(args.onnx)) if args.onnx else torch_runner(load_detector(trained))
+    names, size = trained.class_names, trained.config.detector.image_size
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         image = F.pil_to_tensor(read_image(path))
         boxed, info = Letterbox(size)(image, {})
-        outputs = model(F.to_dtype(boxed, scale=True)[None])
-        found = decode(*(o.detach().numpy() for o in outputs), stride=model.stride,
-                       score_threshold=args.threshold)[0]
+        outputs = run(np.ascontiguousarray(F.to_dtype(boxed, scale=True)[None].numpy()))
+        stride = size / outputs[0].shape[-1]  # the heatmap's cells, whichever runtime made it
+        found = decode(*outputs, stride=stride, score_threshold=args.threshold)[0]
         fig, ax = plt.subplots(figsize=(5, 5))
         draw_boxes(ax, image, found["boxes"] / info["scale"], found["labels"], names, found["scores"])
         out = args.out / f"{path.stem}.png"
         fig.savefig(out, bbox_inches="tight", dpi=150)
         plt.close(fig)
         print(f"{path}: {len(found['boxes'])} detections -> {out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from edgefm.export import export_onnx, onnx_files
+    from edgefm.finetune import ensure_finetuned, load_detector
+
+    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
+    path = export_onnx(load_detector(trained), args.out, trained.config.detector.image_size)
+    print("exported: " + ", ".join(str(f) for f in onnx_files(path)))
+
+
+def _print_variants(variants: list[dict], threads: Sequence[int]) -> None:
+    columns = "".join(f"{f'{t}t ms':>9}{'x A':>7}" for t in threads)
+    print(f"{'variant':36s}{'mAP':>7}{'mAP@.5':>8}{columns}{'MB':>7}{'x A':>6}")
+    for v in variants:
+        accuracy = f"{v['map']:7.3f}{v['map50']:8.3f}" if "map" in v else f"{'-':>7}{'-':>8}"
+        timing = "".join(f"{v[f'latency_ms_{t}t']:9.2f}{v[f'latency_speedup_{t}t']:7.2f}" for t in threads)
+        print(f"{v['name'][:36]:36s}{accuracy}{timing}{v['size_bytes'] / 1e6:7.2f}{v['size_reduction']:6.2f}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from edgefm.bench import Variant, benchmark, count_flops
+    from edgefm.data import ensure_dataset
+    from edgefm.evaluate import evaluate_split
+    from edgefm.export import op_counts, open_session
+    from edgefm.finetune import ensure_finetuned, load_detector
+
+    profile = load_profile(args.profile)
+    trained = ensure_finetuned(profile, args.init, args.fraction)
+    model, cfg = load_detector(trained), trained.config.detector
+    flops, params = count_flops(model, cfg.image_size), sum(p.numel() for p in model.parameters())
+    variants = [Variant("A (PyTorch FP32)", module=model, flops=flops, params=params)]
+    for path in args.models:
+        open_session(path)  # a missing or corrupt file fails here, before anything is timed
+        precision = "int8" if any("Quantize" in op or "Integer" in op for op in op_counts(path)) else "fp32"
+        variants.append(Variant(path.name, onnx=path, precision=precision, flops=flops, params=params))
+    settings = profile.quantize.bench
+    settings = replace(settings, threads=tuple(args.threads or settings.threads),
+                       runs=args.runs or settings.runs, memory=not args.no_memory)
+    accuracy = None
+    if not args.no_accuracy:
+        split = ensure_dataset(profile).eval
+        accuracy = lambda v: evaluate_split(v.runner(2), split, cfg, model.stride)  # noqa: E731
+    results = benchmark(variants, cfg.image_size, settings, accuracy)
+    _print_variants(results["variants"], settings.threads)
+    if args.out is not None:
+        from edgefm.artifacts import atomic_write_json
+
+        atomic_write_json(args.out, results)
+        print(f"results: {args.out}")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from edgefm.quantization import ensure_quantization
+
+    results = ensure_quantization(load_profile(args.profile))
+    _print_variants(results["variants"], (1, 2))
+    print(f"models: {results['folder']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", type=Path, nargs="+", help="image files")
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawings")
     predict.add_argument("--threshold", type=float, default=0.3, help="lowest score drawn")
+    predict.add_argument("--onnx", type=Path, default=None, help="run this ONNX model (e.g. an INT8 one) "
+                         "in ONNX Runtime instead of the PyTorch checkpoint")
     model_choice(predict)
     predict.set_defaults(run=_cmd_predict)
+
+    export = commands.add_parser("export", help="export the trained detector to ONNX (weights in FILE.data)")
+    export.add_argument("--out", type=Path, default=Path("detector.onnx"), help="the .onnx file to write")
+    model_choice(export)
+    export.set_defaults(run=_cmd_export)
+
+    bench = commands.add_parser("bench", help="measure mAP, latency, size and memory of the detector "
+                                "(PyTorch, the reference) and of ONNX models, in one run")
+    bench.add_argument("models", type=Path, nargs="*", help="ONNX files to compare with the detector")
+    bench.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
+    bench.add_argument("--runs", type=int, default=None,
+                       help="timed runs per variant (default: the profile's)")
+    bench.add_argument("--no-accuracy", action="store_true", help="skip the mAP on the eval scenes")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    bench.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    model_choice(bench)
+    bench.set_defaults(run=_cmd_bench)
+
+    quant = commands.add_parser("quantize", help="export A, quantize it to INT8 with every recipe, "
+                                "benchmark all variants (cached)")
+    quant.set_defaults(run=_cmd_quantize)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")
@@ -182,11 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     from edgefm.data.coco import DatasetError
     from edgefm.data.fashion_mnist import FashionMNISTNotFound
+    from edgefm.export import OnnxModelError
     from edgefm.training import CheckpointError
 
     try:
         run(args)
-    except (UnknownProfileError, DatasetError, FashionMNISTNotFound, CheckpointError) as error:
+    except (UnknownProfileError, DatasetError, FashionMNISTNotFound, CheckpointError,
+            OnnxModelError) as error:
         print(f"edgefm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -131,6 +131,47 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """How hard to measure: ``runs`` timed runs per variant and thread count after ``warmup``
+    untimed ones; throughput at ``throughput_batch``; ``memory`` reads each variant's peak
+    resident size in a fresh process (a few seconds each)."""
+
+    threads: tuple[int, ...] = (1, 2)
+    runs: int = 50
+    warmup: int = 10
+    throughput_batch: int = 16
+    memory: bool = True
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware fine-tuning of A: short, at a tenth of A's learning rate, from A's weights.
+    The first ``calibration_batches`` only set the input ranges; they freeze at ``freeze_fraction``."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    calibration_batches: int = 8
+    freeze_fraction: float = 0.5
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Post-training INT8 of model A: ``calibration_scenes`` train scenes fix the activation
+    ranges (never eval scenes); a layer group whose quantization alone costs more than
+    ``sensitivity_threshold`` mAP (0.0025: a quarter of a point) stays FP32 in the mixed recipe."""
+
+    calibration_scenes: int = 64
+    sensitivity_threshold: float = 0.0025
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+
+
+@dataclass(frozen=True)
 class Profile:
     """All stage configurations of one profile."""
 
@@ -145,6 +186,7 @@ class Profile:
     # A and its random twin get the full budget, the seven other runs this one
     curve_steps: int = 600
     spread_seeds: tuple[int, ...] = (1,)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
 
 def _smoke() -> Profile:
@@ -163,7 +205,12 @@ def _smoke() -> Profile:
                               checkpoint_every=3)
     finetune = FinetuneConfig(detector=DetectorConfig(image_size=64, channels=32, head_hidden=32),
                               batch_size=8, steps=6, warmup_steps=2, eval_every=3, checkpoint_every=3)
-    return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, curve_steps=6)
+    quantize = QuantizeConfig(calibration_scenes=8,
+                              bench=BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False),
+                              qat=QatConfig(steps=4, calibration_batches=1, warmup_steps=1,
+                                            checkpoint_every=2))
+    return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, curve_steps=6,
+                   quantize=quantize)
 
 
 def _default() -> Profile:

@@ -1,0 +1,290 @@
+"""The benchmark harness: accuracy, latency, throughput, size, FLOPs and memory of model variants.
+
+Latency is measured at batch 1 with a fixed number of threads, after a warm-up, as the median and
+90th percentile of many runs; the variants are *interleaved* (one run of each, round after round)
+in one process, so a frequency change or a noisy neighbour hits them all alike. Speed is only
+reported as a ratio against model A measured in the same run. Peak memory is read in a fresh
+process per variant (a process's peak resident size only grows), which imports only what that
+variant needs: ONNX Runtime for an ONNX file, PyTorch for a module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgefm.config import BenchConfig
+from edgefm.export import LEVELS, onnx_runner, onnx_size, open_session
+
+LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@dataclass
+class Variant:
+    """One model to measure: a PyTorch module or an ONNX file (``precision`` picks the ceiling).
+
+    ``flops`` and ``params`` of an ONNX variant are those of the PyTorch model it was made from:
+    quantization changes how the work is done, not how much of it there is.
+    """
+
+    name: str
+    module: torch.nn.Module | None = None
+    onnx: Path | None = None
+    precision: str = "fp32"  # "fp32" or "int8"
+    flops: int | None = None
+    params: int | None = None
+    level: str = "all"  # ONNX Runtime graph optimisation level
+
+    @property
+    def format(self) -> str:
+        return "pytorch" if self.module is not None else "onnx"
+
+    def runner(self, threads: int) -> Run:
+        """Images (B, 3, S, S) in [0, 1] -> raw outputs, on ``threads`` threads."""
+        if self.module is not None:
+            module = self.module.eval()
+
+            @torch.no_grad()
+            def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+                torch.set_num_threads(threads)
+                return tuple(o.numpy() for o in module(torch.from_numpy(images)))
+
+            return run
+        return onnx_runner(open_session(self.onnx, threads=threads, level=self.level, spin=False))
+
+    def takes_batch(self, batch: int) -> bool:
+        """Whether the variant accepts ``batch`` images at once (an ONNX file may fix its batch)."""
+        if self.onnx is None:
+            return True
+        dim = open_session(self.onnx, threads=1).get_inputs()[0].shape[0]
+        return not isinstance(dim, int) or dim == batch
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the safetensors file of the weights, or the ONNX model with its data."""
+        if self.onnx is not None:
+            return onnx_size(self.onnx)
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "weights.safetensors"
+            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(path))
+            return path.stat().st_size
+
+
+def count_flops(module: torch.nn.Module, image_size: int) -> int:
+    """FLOPs of one image through ``module`` (``torch.utils.flop_counter``: 2 per multiply-add)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.eval()(torch.rand(1, 3, image_size, image_size))
+    return int(counter.get_total_flops())
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU, its SIMD features, threads and library versions."""
+    import onnxruntime
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS},
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _median_p90(seconds: list[float]) -> tuple[float, float]:
+    return float(np.median(seconds) * 1e3), float(np.percentile(seconds, 90) * 1e3)
+
+
+def gemm_ceiling(threads: int, size: int = 1024, runs: int = 10) -> dict:
+    """What this CPU's matrix products reach: GFLOP/s of an FP32 GEMM in PyTorch and GOP/s of an
+    INT8 (u8 x s8 -> s32) GEMM in ONNX Runtime's ``MatMulInteger``, both ``size`` cubed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    fp32 = _timed(lambda: torch.mm(a, b), runs)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [size, size])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gemm.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        session = open_session(path, threads=threads, spin=False)
+    ua = np.random.randint(0, 255, (size, size), dtype=np.uint8)
+    sb = np.random.randint(-127, 127, (size, size), dtype=np.int8)
+    int8 = _timed(lambda: session.run(None, {"a": ua, "b": sb}), runs)
+    work = 2 * size**3
+    return {"threads": threads, "size": size, "fp32_gflops": work / fp32 / 1e9,
+            "int8_gops": work / int8 / 1e9}
+
+
+def _timed(call: Callable[[], object], runs: int) -> float:
+    call()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+def latencies(variants: list[Variant], image_size: int, threads: int, runs: int, warmup: int) -> dict:
+    """``{name: (median_ms, p90_ms)}`` at batch 1, the variants interleaved run by run."""
+    image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
+    runners = {v.name: v.runner(threads) for v in variants}
+    for run in runners.values():
+        for _ in range(warmup):
+            run(image)
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(image)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: _median_p90(s) for name, s in seconds.items()}
+
+
+def throughput(variant: Variant, image_size: int, batch: int, threads: int, runs: int = 5) -> float:
+    """Images per second at ``batch``, median of ``runs`` after one warm-up."""
+    run = variant.runner(threads)
+    images = np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
+    return batch / _timed(lambda: run(images), runs)
+
+
+_PEAK_SCRIPT = """
+import json, sys
+import numpy as np
+spec = json.loads(sys.argv[1])
+images = np.random.default_rng(0).random((1, 3, spec["size"], spec["size"]), dtype=np.float32)
+if spec["onnx"]:
+    import onnxruntime as ort
+    options = ort.SessionOptions(); options.intra_op_num_threads = spec["threads"]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec["level"])
+    session = ort.InferenceSession(spec["onnx"], options, providers=["CPUExecutionProvider"])
+    run = lambda: session.run(None, {session.get_inputs()[0].name: images})
+else:
+    import torch
+    torch.set_num_threads(spec["threads"])
+    model = torch.load(spec["module"], weights_only=False).eval()
+    x = torch.from_numpy(images)
+    run = lambda: model(x)
+    torch.set_grad_enabled(False)
+for _ in range(5):
+    run()
+# VmHWM, not ru_maxrss: Linux carries the parent's peak across fork and exec into ru_maxrss
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) * 1024)
+"""
+
+
+def peak_memory(variant: Variant, image_size: int, threads: int = 2) -> int:
+    """Peak resident bytes of a fresh process that loads the variant and runs 5 images (Linux)."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = {"size": image_size, "threads": threads, "onnx": str(variant.onnx) if variant.onnx else None,
+                "module": None, "level": LEVEL_NAMES[variant.level]}
+        if variant.module is not None:
+            spec["module"] = str(Path(folder) / "model.pt")
+            torch.save(variant.module, spec["module"])
+        done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, json.dumps(spec)], capture_output=True,
+                              text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {variant.name} failed: {done.stderr.strip()[-500:]}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
+              accuracy: Callable[[Variant], dict] | None = None) -> dict:
+    """Measure every variant in one process; the first one is the reference (model A).
+
+    Returns ``{"machine", "ceiling", "variants", "settings"}``; each variant record has the name,
+    format, mAP and mAP@.5 (if ``accuracy`` is given), latency per thread count (median and p90,
+    ms), throughput (None for a model whose batch is fixed), size, params, FLOPs, peak memory,
+    achieved GFLOP/s against the ceiling, and ratios to the reference (``latency_speedup_<n>t``:
+    reference latency / this latency; ``size_reduction``).
+    """
+    ceiling = {t: gemm_ceiling(t) for t in settings.threads}
+    timings = {t: latencies(variants, image_size, t, settings.runs, settings.warmup)
+               for t in settings.threads}
+    records = []
+    for variant in variants:
+        record: dict = {"name": variant.name, "format": variant.format, "precision": variant.precision,
+                        "params": variant.params, "flops": variant.flops, "size_bytes": variant.size_bytes()}
+        if accuracy is not None:
+            scores = accuracy(variant)
+            record.update(map=scores["map"], map50=scores["map50"])
+        for t in settings.threads:
+            median, p90 = timings[t][variant.name]
+            record[f"latency_ms_{t}t"], record[f"latency_p90_ms_{t}t"] = median, p90
+            if variant.flops:
+                achieved = variant.flops / (median / 1e3) / 1e9
+                peak = ceiling[t]["fp32_gflops" if variant.precision == "fp32" else "int8_gops"]
+                record[f"gflops_{t}t"], record[f"ceiling_fraction_{t}t"] = achieved, achieved / peak
+        top = max(settings.threads)
+        batch = settings.throughput_batch
+        record[f"throughput_{top}t"] = (throughput(variant, image_size, batch, top)
+                                        if variant.takes_batch(batch) else None)
+        record["peak_memory_bytes"] = peak_memory(variant, image_size, top) if settings.memory else None
+        records.append(record)
+    reference = records[0]
+    for record in records:
+        for t in settings.threads:
+            record[f"latency_speedup_{t}t"] = reference[f"latency_ms_{t}t"] / record[f"latency_ms_{t}t"]
+        record["size_reduction"] = reference["size_bytes"] / record["size_bytes"]
+        if "map" in record:
+            record["map_drop"] = reference["map"] - record["map"]
+    return {"machine": machine(), "ceiling": list(ceiling.values()), "variants": records,
+            "settings": {"runs": settings.runs, "warmup": settings.warmup,
+                         "throughput_batch": settings.throughput_batch}}
+
+
+def block_times(model: torch.nn.Module, blocks: dict[str, torch.nn.Module], image_size: int,
+                threads: int = 2, runs: int = 20) -> dict[str, float]:
+    """Median milliseconds spent in each named submodule of one batch-1 forward pass; ``other``
+    is what the forward spends outside them (normalisation, resizing, additions)."""
+    torch.set_num_threads(threads)
+    spent: dict[str, list[float]] = {name: [] for name in (*blocks, "total")}
+    starts: dict[str, float] = {}
+    handles = []
+    for name, block in blocks.items():
+        handles.append(block.register_forward_pre_hook(lambda m, a, name=name: starts.__setitem__(
+            name, time.perf_counter())))
+        handles.append(block.register_forward_hook(lambda m, a, o, name=name: spent[name].append(
+            time.perf_counter() - starts[name])))
+    image = torch.rand(1, 3, image_size, image_size)
+    try:
+        with torch.no_grad():
+            model.eval()(image)
+            for values in spent.values():
+                values.clear()
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(image)
+                spent["total"].append(time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {name: float(np.median(values) * 1e3) for name, values in spent.items()}
+    result["other"] = result["total"] - sum(result[name] for name in blocks)
+    return result

@@ -1,0 +1,181 @@
+"""Quantization-aware fine-tuning (QAT): A learns to live with INT8 rounding, then exports as QDQ.
+
+Every Linear and Conv2d is wrapped in :class:`FakeQuant`, which rounds its input to unsigned
+8 bits per tensor (scale from a running min/max) and its weight to signed 8 bits per output
+channel: the scheme of ONNX Runtime's static QDQ recipe. The rounding uses PyTorch's core
+``fake_quantize_*`` ops, whose gradient passes straight through; the dynamo exporter lowers them
+to QuantizeLinear/DequantizeLinear, and :func:`fold_weight_quantizers` stores the rounded weights
+as INT8 so the file shrinks and ONNX Runtime runs integer kernels. (``torch.ao.quantization``'s
+eager and FX flows are deprecated; these ops are not.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgefm.artifacts import atomic_path
+from edgefm.config import QatConfig
+from edgefm.data.coco import CocoDetection, collate
+from edgefm.models.centernet import centernet_loss, centernet_targets
+from edgefm.models.detector import Detector
+from edgefm.training import TrainState, batch_indices, cosine_with_warmup, load_checkpoint, save_checkpoint
+
+
+class FakeQuant(nn.Module):
+    """A Linear or Conv2d computing on INT8-rounded input and weight (values stay float)."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, momentum: float = 0.01):
+        super().__init__()
+        self.layer, self.momentum = layer, momentum
+        self.observing = True
+        self.register_buffer("low", torch.tensor(0.0))
+        self.register_buffer("high", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("seen", torch.tensor(False))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Move the input range towards this batch's (the first batch sets it); 0 stays inside."""
+        low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+        if not self.seen:
+            self.low.copy_(low), self.high.copy_(high), self.seen.fill_(True)
+        else:
+            self.low.lerp_(low, self.momentum), self.high.lerp_(high, self.momentum)
+        self.scale.copy_((self.high - self.low).clamp(min=1e-8) / 255)
+        self.zero_point.copy_(torch.round(-self.low / self.scale).clamp(0, 255).to(torch.int32))
+
+    def weight_scale(self) -> torch.Tensor:
+        """Symmetric per-output-channel scale of the current weight (no gradient: STE)."""
+        weight = self.layer.weight.detach()
+        return (weight.abs().amax(dim=list(range(1, weight.ndim))).clamp(min=1e-8) / 127).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.observing:
+            self.observe(x)
+        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        # a frozen model (for export) uses stored weight scales, which become graph constants
+        scale = self.frozen_scale if hasattr(self, "frozen_scale") else self.weight_scale()
+        weight = torch.fake_quantize_per_channel_affine(self.layer.weight, scale, torch.zeros_like(
+            scale, dtype=torch.int32), 0, -128, 127)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        conv = self.layer
+        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def prepare_qat(model: nn.Module) -> nn.Module:
+    """Wrap every Linear and Conv2d of ``model`` in place (ConvTranspose stays float)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear | nn.Conv2d):
+            setattr(model, name, FakeQuant(child))
+        else:
+            prepare_qat(child)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Fix every weight scale as a buffer, so an export sees constants, not a computation."""
+    for module in model.modules():
+        if isinstance(module, FakeQuant):
+            module.register_buffer("frozen_scale", module.weight_scale(), persistent=False)
+    return model.eval()
+
+
+def set_observing(model: nn.Module, observing: bool) -> None:
+    """Freeze (False) or resume (True) the running input ranges."""
+    for module in model.modules():
+        if isinstance(module, FakeQuant):
+            module.observing = observing
+
+
+def qat_finetune(model: Detector, train: CocoDetection, image_size: int, cfg: QatConfig, work: Path,
+                 progress: bool = True) -> TrainState:
+    """Fine-tune the wrapped ``model`` for ``cfg.steps`` on ``train``; resumes from ``work``.
+
+    The first ``cfg.calibration_batches`` batches only set the input ranges (no update), so
+    training starts from sensible scales; the ranges freeze at ``cfg.freeze_fraction`` of the run
+    so the last steps fit the weights to the scales that will be exported.
+    """
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    checkpoint = work / "qat-checkpoint.pt"
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint.exists() else TrainState()
+    out_size = (round(image_size / model.stride),) * 2
+    model.train()
+    if state.step == 0:
+        with torch.no_grad():
+            for step in range(cfg.calibration_batches):
+                chosen = batch_indices(step, cfg.batch_size, len(train), cfg.seed + 1)
+                model(collate([train[int(i)] for i in chosen])[0])
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="quantization-aware fine-tuning",
+               disable=not progress)
+    while state.step < cfg.steps:
+        set_observing(model, state.step < cfg.freeze_fraction * cfg.steps)
+        start = time.perf_counter()
+        images, targets = collate([train[int(i)] for i in batch_indices(state.step, cfg.batch_size,
+                                                                         len(train), cfg.seed)])
+        encoded = [centernet_targets(t["boxes"], t["labels"], model.num_classes, out_size, model.stride)
+                   for t in targets]
+        loss = centernet_loss(model(images), encoded, model.stride)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        state.seconds += time.perf_counter() - start
+        state.losses.append(round(loss.item(), 5))
+        bar.update()
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
+    bar.close()
+    return state
+
+
+def fold_weight_quantizers(path: Path | str) -> Path:
+    """Replace each QuantizeLinear of a constant weight by its INT8 result, in one file.
+
+    The exporter writes ``W (float) -> QuantizeLinear -> DequantizeLinear``; folding stores
+    ``W_int8 -> DequantizeLinear``, which is 4x smaller and the pattern ONNX Runtime fuses into
+    integer kernels.
+    """
+    path = Path(path)
+    model = onnx.load(str(path))
+    values = {t.name: t for t in model.graph.initializer}
+    folded, keep = [], []
+    for node in model.graph.node:
+        inputs = list(node.input) + [""] * (3 - len(node.input))
+        if node.op_type != "QuantizeLinear" or not all(i in values for i in inputs if i) or not inputs[2]:
+            keep.append(node)
+            continue
+        weight, scale, zero = (numpy_helper.to_array(values[i]) for i in inputs)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        info = np.iinfo(zero.dtype)
+        q = np.clip(np.round(weight / scale.reshape(shape)) + zero.reshape(shape), info.min, info.max)
+        folded.append(numpy_helper.from_array(q.astype(zero.dtype), node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.initializer.extend(folded)
+    used = {i for node in model.graph.node for i in node.input}
+    unused = [t for t in model.graph.initializer if t.name not in used]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
+    data = Path(f"{path}.data")
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    data.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,137 @@
+"""The quantization study of model A: every ONNX variant, the sensitivity scan, one benchmark.
+
+A is exported once; ONNX Runtime runs it in FP32 at each graph-optimisation level and after its
+transformer optimizer; then every :class:`~edgefm.quantize.QuantRecipe` in :data:`RECIPES`
+quantizes it. The sensitivity scan quantizes one layer group at a time (static MinMax) and the
+*mixed* recipe keeps in FP32 the groups that cost more than the profile's threshold. A short
+quantization-aware fine-tune (:mod:`edgefm.qat`) gives one more INT8 variant. Everything
+is measured in one :func:`~edgefm.bench.benchmark` run against A in PyTorch and recorded in
+``metrics/quantization.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.bench import Variant, benchmark, count_flops
+from edgefm.config import Profile, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.data.coco import CocoDetection
+from edgefm.data.transforms import detection_transforms
+from edgefm.evaluate import evaluate_split
+from edgefm.export import export_onnx, fuse_transformer, op_counts
+from edgefm.finetune import ensure_finetuned, load_detector
+from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
+
+CONVS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
+RECIPES = (
+    QuantRecipe("dynamic", mode="dynamic", op_types=("MatMul", "Gemm")),
+    QuantRecipe("dynamic-conv", mode="dynamic", op_types=CONVS),
+    QuantRecipe("static-minmax", op_types=CONVS),
+    QuantRecipe("static-entropy", calibration="entropy", op_types=CONVS),
+    QuantRecipe("static-percentile", calibration="percentile", op_types=CONVS),
+    QuantRecipe("static-s8s8", activations="s8", op_types=CONVS),
+    QuantRecipe("static-reduce-range", reduce_range=True, op_types=CONVS),
+    QuantRecipe("static-per-tensor", per_channel=False, op_types=CONVS),
+)
+LEVELS = ("disabled", "basic", "extended", "all")
+
+
+def layer_groups(depth: int) -> list[str]:
+    """The module prefixes the sensitivity scan quantizes one at a time."""
+    return ["backbone.vit.patch_embed", *(f"backbone.vit.blocks.{i}" for i in range(depth)),
+            "pyramid", *(f"head.{branch}.{layer}" for branch in ("heatmap", "box") for layer in (0, 2))]
+
+
+def activation_scales(path: Path) -> dict[str, float]:
+    """Per-tensor activation scales of a QDQ model (input name -> scale): how calibrations differ."""
+    model = onnx.load(str(path))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {node.input[0]: float(values[node.input[1]]) for node in model.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[1] in values
+            and values[node.input[1]].size == 1}
+
+
+def _build(work: Path, profile: Profile, progress: bool) -> None:
+    trained = ensure_finetuned(profile, progress=progress)
+    model, cfg = load_detector(trained), trained.config.detector
+    dataset = ensure_dataset(profile)
+    size, settings = cfg.image_size, profile.quantize
+    backbone = profile.pretrain.backbone
+    exported = export_onnx(model, work / "a-fp32.onnx", size)
+    fusions = fuse_transformer(exported, work / "a-fp32-fused.onnx", backbone.num_heads, backbone.hidden_size)
+    prepared = preprocess(exported, work / "a-fp32-pre.onnx")
+    calibration = CalibrationScenes(dataset.train, size, settings.calibration_scenes)
+    accuracy_cache: dict[tuple[str, str], dict] = {}
+
+    def accuracy(variant: Variant) -> dict:
+        key = (str(variant.onnx or variant.name), variant.level)
+        if key not in accuracy_cache:
+            accuracy_cache[key] = evaluate_split(variant.runner(2), dataset.eval, cfg, model.stride)
+        return accuracy_cache[key]
+
+    flops, params = count_flops(model, size), sum(p.numel() for p in model.parameters())
+
+    def onnx_variant(name: str, path: Path, precision: str, level: str = "all") -> Variant:
+        return Variant(name, onnx=path, precision=precision, flops=flops, params=params, level=level)
+
+    sensitivity = []
+    for group in layer_groups(backbone.num_layers):
+        recipe = QuantRecipe(f"only-{group}", op_types=CONVS, only=(group,))
+        path = quantize(exported, prepared, work / "sensitivity.onnx", recipe, calibration)
+        scores = evaluate_split(onnx_variant(group, path, "int8").runner(2), dataset.eval, cfg, model.stride)
+        sensitivity.append({"group": group, "map": scores["map"], "map50": scores["map50"]})
+    (work / "sensitivity.onnx").unlink()
+    reference = accuracy(onnx_variant("a-fp32", exported, "fp32"))["map"]
+    keep = tuple(s["group"] for s in sensitivity if reference - s["map"] > settings.sensitivity_threshold)
+    recipes = (*RECIPES, QuantRecipe("static-mixed", op_types=CONVS, keep_fp32=keep))
+
+    variants = [Variant("A (PyTorch FP32)", module=model, flops=flops, params=params)]
+    variants += [onnx_variant(f"ORT FP32 ({level})", exported, "fp32", level) for level in LEVELS]
+    variants.append(onnx_variant("ORT FP32 (transformer optimizer)", work / "a-fp32-fused.onnx", "fp32"))
+    for recipe in recipes:
+        path = quantize(exported, prepared, work / f"a-{recipe.name}.onnx", recipe, calibration)
+        variants.append(onnx_variant(f"INT8 {recipe.name}", path, "int8"))
+    qat_model = prepare_qat(load_detector(trained))
+    train = CocoDetection(dataset.train, detection_transforms(size, train=True))
+    qat_state = qat_finetune(qat_model, train, size, settings.qat, work, progress)
+    qat_path = export_onnx(freeze(qat_model), work / "a-qat.onnx", size, dynamic_batch=False)
+    variants.append(onnx_variant("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
+    results = benchmark(variants, size, settings.bench, accuracy)
+    minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
+    atomic_write_json(work / "results.json", {
+        **results,
+        "recipes": [asdict(r) for r in recipes],
+        "files": {v.name: v.onnx.name for v in variants if v.onnx is not None},
+        "fusions": fusions,
+        "ops_fp32": op_counts(exported), "ops_fused": op_counts(work / "a-fp32-fused.onnx"),
+        "sensitivity": {"reference_map": reference, "threshold": settings.sensitivity_threshold,
+                        "groups": sensitivity, "keep_fp32": list(keep)},
+        "entropy_equals_minmax": sum(entropy.get(k) == v for k, v in minmax.items()),
+        "activation_tensors": len(minmax),
+        "calibration_scenes": sum(len(batch) for batch in calibration.batches),
+        "model_a": str(trained.path),
+        "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
+                "lr": settings.qat.lr, "batch_size": settings.qat.batch_size},
+    })
+
+
+def ensure_quantization(profile: Profile | str | None = None, progress: bool = True) -> dict:
+    """Build (or load) every variant of A and its benchmark; write ``metrics/quantization.json``."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    trained = ensure_finetuned(profile, progress=progress)
+    key = {"quantize": profile.quantize, "model_a": trained.path.name, "data": profile.data}
+    target = stage_dir(profile.name, "quantization", key, "edgefm.quantization")
+    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results["folder"] = str(target)
+    write_metrics(profile.name, "quantization", results)
+    return results
+

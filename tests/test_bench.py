@@ -1,0 +1,83 @@
+"""The benchmark harness on a tiny detector: every field, ratios against the reference, profiles."""
+
+import pytest
+
+from edgefm.bench import Variant, benchmark, block_times, count_flops, machine, peak_memory
+from edgefm.cli import main
+from edgefm.config import BenchConfig
+from edgefm.export import export_onnx
+from edgefm.measuring import block_flops, detector_blocks
+from test_detector import tiny_detector
+
+FIELDS = {"name", "format", "precision", "map", "map50", "latency_ms_1t", "latency_ms_2t",
+          "latency_p90_ms_1t", "latency_p90_ms_2t", "size_bytes", "params", "flops", "gflops_2t",
+          "ceiling_fraction_2t", "throughput_2t", "peak_memory_bytes", "latency_speedup_1t",
+          "latency_speedup_2t", "size_reduction", "map_drop"}
+
+
+def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
+    model = tiny_detector()
+    flops = count_flops(model, 64)
+    params = sum(p.numel() for p in model.parameters())
+    variants = [Variant("torch", module=model, flops=flops, params=params),
+                Variant("onnx", onnx=export_onnx(model, tmp_path / "m.onnx", 64), flops=flops, params=params)]
+    scores = {"torch": 0.5, "onnx": 0.4}
+    results = benchmark(variants, 64, BenchConfig(runs=3, warmup=1, throughput_batch=2),
+                        lambda v: {"map": scores[v.name], "map50": 0.6})
+    torch_record, onnx_record = results["variants"]
+    assert set(torch_record) >= FIELDS and set(onnx_record) >= FIELDS
+    assert torch_record["latency_speedup_2t"] == 1.0 and torch_record["size_reduction"] == 1.0
+    ratio = torch_record["latency_ms_2t"] / onnx_record["latency_ms_2t"]
+    assert onnx_record["latency_speedup_2t"] == pytest.approx(ratio)
+    assert onnx_record["map_drop"] == pytest.approx(0.1)
+    assert onnx_record["format"] == "onnx" and torch_record["format"] == "pytorch"
+    assert 0 < onnx_record["latency_ms_2t"] <= onnx_record["latency_p90_ms_2t"]
+    assert torch_record["peak_memory_bytes"] > 10e6  # a whole Python process with torch
+    assert flops > 2 * params  # every weight is used at least once per image, for 2 FLOPs
+    assert {c["threads"] for c in results["ceiling"]} == {1, 2}
+    assert all(c["fp32_gflops"] > 0 and c["int8_gops"] > 0 for c in results["ceiling"])
+    assert set(results["machine"]["isa"]) >= {"avx2", "avx512_vnni"}
+
+
+def test_machine_names_the_cpu_and_versions():
+    info = machine()
+    assert info["cpu"] and info["cores"] >= 1 and info["torch"] and info["onnxruntime"]
+
+
+def test_peak_memory_of_a_missing_model_fails_clearly(tmp_path):
+    with pytest.raises(RuntimeError, match="gone"):
+        peak_memory(Variant("gone", onnx=tmp_path / "missing.onnx"), 64)
+
+
+def test_block_profile_covers_the_forward_pass():
+    model = tiny_detector()
+    blocks = detector_blocks(model)
+    assert list(blocks) == ["patch embedding", "ViT block 0", "ViT block 1", "pyramid", "head"]
+    times = block_times(model, blocks, 64, threads=1, runs=3)
+    assert all(times[name] > 0 for name in blocks)
+    assert sum(times[name] for name in blocks) <= times["total"] * 1.01
+    flops = block_flops(model, blocks, 64)
+    assert all(flops[name] > 0 for name in blocks)
+    assert sum(flops.values()) <= count_flops(model, 64)
+
+
+def test_bench_cli_names_a_corrupt_onnx_file(fashion_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx model")
+    assert main(["--profile", "smoke", "bench", str(bad), "--init", "random", "--no-memory"]) == 2
+    assert "broken.onnx" in capsys.readouterr().err
+
+
+def test_export_and_bench_cli_in_smoke(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "a.onnx"
+    assert main(["--profile", "smoke", "export", "--init", "random", "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "a.onnx.data").is_file()
+    capsys.readouterr()
+    assert main(["--profile", "smoke", "bench", str(out), "--init", "random", "--runs", "2", "--no-memory",
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "A (PyTorch FP32)" in printed and "a.onnx" in printed
+    assert (tmp_path / "bench.json").is_file()
+    assert main(["--profile", "smoke", "predict", str(fashion_dir / "unused.png"), "--init", "random",
+                 "--onnx", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: no such ONNX model" in capsys.readouterr().err
