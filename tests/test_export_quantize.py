@@ -144,28 +144,30 @@ def test_qat_learns_exports_to_qdq_and_matches_in_onnx_runtime(fashion_dir, tmp_
     from edgefm.data.coco import CocoDetection
     from edgefm.data.transforms import detection_transforms
     from edgefm.export import op_counts
-    from edgefm.qat import FakeQuant, fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+    from edgefm.qat import FakeQuant, Rounding, fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 
     model = prepare_qat(tiny_detector(num_classes=10))
     wrapped = [m for m in model.modules() if isinstance(m, FakeQuant)]
-    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     assert len(wrapped) == sum(1 for m in tiny_detector().modules() if isinstance(m, layers))
     train = CocoDetection(ensure_dataset(load_profile("smoke")).train, detection_transforms(64, train=True))
     cfg = QatConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, calibration_batches=1, checkpoint_every=3)
     state = qat_finetune(model, train, 64, cfg, tmp_path)
     assert state.step == 6 and (tmp_path / "qat-checkpoint.pt").is_file()
-    assert all(m.seen and m.scale > 0 for m in wrapped)  # every input range was observed
+    rounding = [m for m in model.modules() if isinstance(m, Rounding)]
+    assert len(rounding) == 2 * len(wrapped)  # each layer's input and output
+    assert all(m.seen and m.scale > 0 for m in rounding)  # every range was observed
     resumed = qat_finetune(model, train, 64, cfg, tmp_path)  # a finished run resumes to its end
     assert resumed.losses == state.losses
 
     path = export_onnx(freeze(model), tmp_path / "qat.onnx", 64, dynamic_batch=False)
+    export_onnx(freeze(model), tmp_path / "reference.onnx", 64, dynamic_batch=False)
     quantizers = op_counts(path)["QuantizeLinear"]
     fold_weight_quantizers(path)
     ops = op_counts(path)
     assert ops["QuantizeLinear"] == quantizers - len(wrapped)  # every weight is INT8 now
-    # the two head branches read the same input with the same range: the exporter shares that pair
-    assert len(wrapped) - 1 <= ops["QuantizeLinear"] <= len(wrapped)
     assert ops["DequantizeLinear"] == ops["QuantizeLinear"] + len(wrapped)
+    assert ops["Transpose"] < op_counts(tmp_path / "reference.onnx")["Transpose"]  # weights stored transposed
     assert not (tmp_path / "qat.onnx.data").exists()
     images = torch.rand(3, 3, 64, 64)  # a fixed-batch model runs larger batches in slices
     with torch.no_grad():

@@ -97,8 +97,9 @@ def open_session(path: Path | str, threads: int = 2, level: str = "all", spin: b
     """An ONNX Runtime CPU session with ``threads`` intra-op threads and an optimisation level
     (``disabled``, ``basic``, ``extended``, ``all``); ``optimized_path`` saves the optimised graph.
 
-    ``spin=False`` stops its threads from busy-waiting after a run: needed when several models
-    take turns on the same cores (a benchmark), where spinning threads steal the next model's time.
+    ``spin=False`` stops its threads from busy-waiting once a run returns (they still spin
+    within a run): needed when several models take turns on the same cores (a benchmark), where
+    threads left spinning would steal the next model's time.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,7 +110,7 @@ def open_session(path: Path | str, threads: int = 2, level: str = "all", spin: b
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = 3
     if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     try:

@@ -1,8 +1,8 @@
 """Quantization-aware fine-tuning (QAT): A learns to live with INT8 rounding, then exports as QDQ.
 
-Every Linear and Conv2d is wrapped in :class:`FakeQuant`, which rounds its input to unsigned
-8 bits per tensor (scale from a running min/max) and its weight to signed 8 bits per output
-channel: the scheme of ONNX Runtime's static QDQ recipe. The rounding uses PyTorch's core
+Every Linear, Conv2d and ConvTranspose2d is wrapped in :class:`FakeQuant`, which rounds its input
+and output to unsigned 8 bits per tensor (scale from a running min/max) and its weight to signed
+8 bits per output channel: the scheme of ONNX Runtime's static QDQ recipe. The rounding uses PyTorch's core
 ``fake_quantize_*`` ops, whose gradient passes straight through; the dynamo exporter lowers them
 to QuantizeLinear/DequantizeLinear, and :func:`fold_weight_quantizers` stores the rounded weights
 as INT8 so the file shrinks and ONNX Runtime runs integer kernels. (``torch.ao.quantization``'s
@@ -29,14 +29,15 @@ from edgefm.models.centernet import centernet_loss, centernet_targets
 from edgefm.models.detector import Detector
 from edgefm.training import TrainState, batch_indices, cosine_with_warmup, load_checkpoint, save_checkpoint
 
+QUANTIZED_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
-class FakeQuant(nn.Module):
-    """A Linear or Conv2d computing on INT8-rounded input and weight (values stay float)."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, momentum: float = 0.01):
+class Rounding(nn.Module):
+    """Unsigned 8-bit fake quantization of a tensor, per tensor, over a running min/max range."""
+
+    def __init__(self, momentum: float = 0.01):
         super().__init__()
-        self.layer, self.momentum = layer, momentum
-        self.observing = True
+        self.momentum, self.observing = momentum, True
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -45,7 +46,7 @@ class FakeQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Move the input range towards this batch's (the first batch sets it); 0 stays inside."""
+        """Move the range towards this batch's (the first batch sets it); 0 stays inside."""
         low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
         if not self.seen:
             self.low.copy_(low), self.high.copy_(high), self.seen.fill_(True)
@@ -54,29 +55,51 @@ class FakeQuant(nn.Module):
         self.scale.copy_((self.high - self.low).clamp(min=1e-8) / 255)
         self.zero_point.copy_(torch.round(-self.low / self.scale).clamp(0, 255).to(torch.int32))
 
-    def weight_scale(self) -> torch.Tensor:
-        """Symmetric per-output-channel scale of the current weight (no gradient: STE)."""
-        weight = self.layer.weight.detach()
-        return (weight.abs().amax(dim=list(range(1, weight.ndim))).clamp(min=1e-8) / 127).float()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observing:
             self.observe(x)
-        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+
+class FakeQuant(nn.Module):
+    """A layer of :data:`QUANTIZED_LAYERS` computing on INT8-rounded input and weight, its output
+    rounded too (before a Linear's bias): the places ONNX Runtime's static QDQ recipe puts
+    QuantizeLinear, so the export fuses into integer kernels. Values stay float. The weight's
+    output channels are its axis 0, or 1 for a transposed convolution."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d | nn.ConvTranspose2d, momentum: float = 0.01):
+        super().__init__()
+        self.layer = layer
+        self.axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+        self.inputs, self.outputs = Rounding(momentum), Rounding(momentum)
+
+    def weight_scale(self) -> torch.Tensor:
+        """Symmetric per-output-channel scale of the current weight (no gradient: STE)."""
+        weight = self.layer.weight.detach()
+        dims = [d for d in range(weight.ndim) if d != self.axis]
+        return (weight.abs().amax(dim=dims).clamp(min=1e-8) / 127).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inputs(x)
         # a frozen model (for export) uses stored weight scales, which become graph constants
         scale = self.frozen_scale if hasattr(self, "frozen_scale") else self.weight_scale()
         weight = torch.fake_quantize_per_channel_affine(self.layer.weight, scale, torch.zeros_like(
-            scale, dtype=torch.int32), 0, -128, 127)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        conv = self.layer
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            scale, dtype=torch.int32), self.axis, -128, 127)
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            out = self.outputs(F.linear(x, weight))
+            return out if layer.bias is None else out + layer.bias
+        if isinstance(layer, nn.ConvTranspose2d):
+            return self.outputs(F.conv_transpose2d(x, weight, layer.bias, layer.stride, layer.padding,
+                                                   layer.output_padding, layer.groups, layer.dilation))
+        return self.outputs(F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                     layer.groups))
 
 
 def prepare_qat(model: nn.Module) -> nn.Module:
-    """Wrap every Linear and Conv2d of ``model`` in place (ConvTranspose stays float)."""
+    """Wrap every layer of :data:`QUANTIZED_LAYERS` in ``model``, in place."""
     for name, child in model.named_children():
-        if isinstance(child, nn.Linear | nn.Conv2d):
+        if isinstance(child, QUANTIZED_LAYERS):
             setattr(model, name, FakeQuant(child))
         else:
             prepare_qat(child)
@@ -92,9 +115,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def set_observing(model: nn.Module, observing: bool) -> None:
-    """Freeze (False) or resume (True) the running input ranges."""
+    """Freeze (False) or resume (True) the running ranges."""
     for module in model.modules():
-        if isinstance(module, FakeQuant):
+        if isinstance(module, Rounding):
             module.observing = observing
 
 
@@ -146,9 +169,11 @@ def qat_finetune(model: Detector, train: CocoDetection, image_size: int, cfg: Qa
 def fold_weight_quantizers(path: Path | str) -> Path:
     """Replace each QuantizeLinear of a constant weight by its INT8 result, in one file.
 
-    The exporter writes ``W (float) -> QuantizeLinear -> DequantizeLinear``; folding stores
-    ``W_int8 -> DequantizeLinear``, which is 4x smaller and the pattern ONNX Runtime fuses into
-    integer kernels.
+    The exporter writes ``W (float) -> QuantizeLinear -> DequantizeLinear`` (then a Transpose
+    for a Linear layer); folding stores ``W_int8 -> DequantizeLinear`` with the weight already
+    transposed, which is 4x smaller and the pattern ONNX Runtime fuses into integer kernels. The
+    exporter's per-node metadata (module scopes, source stack traces) goes too: a deployed model
+    needs none of it.
     """
     path = Path(path)
     model = onnx.load(str(path))
@@ -167,8 +192,10 @@ def fold_weight_quantizers(path: Path | str) -> Path:
         info = np.iinfo(zero.dtype)
         q = np.clip(np.round(weight / scale.reshape(shape)) + zero.reshape(shape), info.min, info.max)
         folded.append(numpy_helper.from_array(q.astype(zero.dtype), node.output[0]))
+    for node in keep:
+        del node.metadata_props[:]
     del model.graph.node[:]
-    model.graph.node.extend(keep)
+    model.graph.node.extend(_fold_weight_transposes(keep, {t.name: t for t in folded}))
     model.graph.initializer.extend(folded)
     used = {i for node in model.graph.node for i in node.input}
     unused = [t for t in model.graph.initializer if t.name not in used]
@@ -179,3 +206,31 @@ def fold_weight_quantizers(path: Path | str) -> Path:
         onnx.save(model, str(tmp))
     data.unlink(missing_ok=True)
     return path
+
+
+def _fold_weight_transposes(nodes: list, weights: dict) -> list:
+    """Drop ``Transpose(perm=[1, 0])`` after the DequantizeLinear of a 2-D INT8 weight, storing
+    the weight transposed instead (and moving its per-channel axis)."""
+    consumers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    producers = {node.output[0]: node for node in nodes if node.op_type == "DequantizeLinear"}
+    kept = []
+    for node in nodes:
+        dq = producers.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if (dq is None or dq.input[0] not in weights or perm != [1, 0] or consumers[dq.output[0]] != 1
+                or len(weights[dq.input[0]].dims) != 2):
+            kept.append(node)
+            continue
+        tensor = weights[dq.input[0]]
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T),
+                                                tensor.name))
+        axis = next((a for a in dq.attribute if a.name == "axis"), None)
+        if axis is None:  # the default axis, 1, becomes 0
+            dq.attribute.append(onnx.helper.make_attribute("axis", 0))
+        else:
+            axis.i = 1 - axis.i
+        dq.output[0] = node.output[0]
+    return kept
