@@ -11,8 +11,9 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
 # Each profile builds into its own folder, so each has its own jupyter cache.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
-# jupyter-cache hashes only a notebook's code cells: key the cache on the library's source and the
-# shipped weights too.
+# jupyter-cache hashes only a notebook's code cells, and Sphinx re-reads only the pages whose source
+# changed: on a change to the library's source or the shipped weights, clear both, so every chapter
+# executes again.
 LIBRARY_HASH = $(shell (find src/edgefm -name '*.py'; find weights -type f 2>/dev/null) | LC_ALL=C sort \
 	| xargs cat | sha256sum | cut -c1-16)
 
@@ -54,7 +55,8 @@ apt-get-chromium:
 define build_book
 	@cache=$(call BUILD_ROOT,$(1))/_build/.jupyter_cache; \
 	if [ -d $$cache ] && [ "$$(cat $$cache/edgefm-library.hash 2>/dev/null)" != "$(LIBRARY_HASH)" ]; then \
-		echo "edgefm library changed: clearing $$cache"; rm -rf $$cache; \
+		echo "edgefm library changed: clearing $$cache and the doctrees"; \
+		rm -rf $$cache $(call BUILD_ROOT,$(1))/_build/.doctrees; \
 	fi; mkdir -p $$cache && echo "$(LIBRARY_HASH)" > $$cache/edgefm-library.hash
 	EDGEFM_PROFILE=$(1) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(1)) $(2)
 endef
