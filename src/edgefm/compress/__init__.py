@@ -1,0 +1,1 @@
+"""Making model A smaller: structured pruning and knowledge distillation (issue: model B)."""
