@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, count_flops
+from edgefm.bench import Variant, benchmark, count_flops, latencies
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
@@ -104,7 +104,11 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     qat_state = qat_finetune(qat_model, train, size, settings.qat, work, progress)
     qat_path = export_onnx(freeze(qat_model), work / "a-qat.onnx", size, dynamic_batch=False)
     variants.append(onnx_variant("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
-    results = benchmark(variants, size, settings.bench, accuracy)
+    bench = settings.bench
+    # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
+    alone = {f"{t}t": latencies(variants[:1], size, t, bench.runs, bench.warmup)[variants[0].name]
+             for t in bench.threads}
+    results = benchmark(variants, size, bench, accuracy)
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
     atomic_write_json(work / "results.json", {
         **results,
@@ -118,6 +122,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         "activation_tensors": len(minmax),
         "calibration_scenes": sum(len(batch) for batch in calibration.batches),
         "model_a": str(trained.path),
+        "reference_alone": {threads: {"median_ms": m, "p90_ms": p} for threads, (m, p) in alone.items()},
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
                 "lr": settings.qat.lr, "batch_size": settings.qat.batch_size},
     })
