@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.config import BenchConfig
-from edgefm.export import LEVELS, onnx_runner, onnx_size, open_session
+from edgefm.export import LEVELS, fixed_batch, onnx_runner, onnx_size, open_session
 
 LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -68,10 +68,12 @@ class Variant:
 
     def takes_batch(self, batch: int) -> bool:
         """Whether the variant accepts ``batch`` images at once (an ONNX file may fix its batch)."""
-        if self.onnx is None:
-            return True
-        dim = open_session(self.onnx, threads=1).get_inputs()[0].shape[0]
-        return not isinstance(dim, int) or dim == batch
+        return self.onnx is None or fixed_batch(self.onnx) in (None, batch)
+
+    def exported(self, name: str, path: Path, precision: str = "fp32", level: str = "all") -> Variant:
+        """An ONNX variant made from this model: it keeps this one's FLOPs and parameters."""
+        return Variant(name, onnx=Path(path), precision=precision, flops=self.flops, params=self.params,
+                       level=level)
 
     def size_bytes(self) -> int:
         """Bytes on disk: the safetensors file of the weights, or the ONNX model with its data."""
@@ -83,6 +85,12 @@ class Variant:
             path = Path(folder) / "weights.safetensors"
             save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(path))
             return path.stat().st_size
+
+
+def module_variant(module: torch.nn.Module, image_size: int, name: str = "A (PyTorch FP32)") -> Variant:
+    """A PyTorch model as a variant, its FLOPs and parameters counted (by default, model A)."""
+    return Variant(name, module=module, flops=count_flops(module, image_size),
+                   params=sum(p.numel() for p in module.parameters()))
 
 
 def count_flops(module: torch.nn.Module, image_size: int) -> int:

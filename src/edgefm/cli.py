@@ -140,7 +140,7 @@ def _print_variants(variants: list[dict], threads: Sequence[int]) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from edgefm.bench import Variant, benchmark, count_flops
+    from edgefm.bench import benchmark, module_variant
     from edgefm.data import ensure_dataset
     from edgefm.evaluate import evaluate_split
     from edgefm.export import op_counts, open_session
@@ -149,12 +149,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     profile = load_profile(args.profile)
     trained = ensure_finetuned(profile, args.init, args.fraction)
     model, cfg = load_detector(trained), trained.config.detector
-    flops, params = count_flops(model, cfg.image_size), sum(p.numel() for p in model.parameters())
-    variants = [Variant("A (PyTorch FP32)", module=model, flops=flops, params=params)]
+    variants = [module_variant(model, cfg.image_size)]
     for path in args.models:
         open_session(path)  # a missing or corrupt file fails here, before anything is timed
         precision = "int8" if any("Quantize" in op or "Integer" in op for op in op_counts(path)) else "fp32"
-        variants.append(Variant(path.name, onnx=path, precision=precision, flops=flops, params=params))
+        variants.append(variants[0].exported(path.name, path, precision))
     settings = profile.quantize.bench
     settings = replace(settings, threads=tuple(args.threads or settings.threads),
                        runs=args.runs or settings.runs, memory=not args.no_memory)

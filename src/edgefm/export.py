@@ -92,10 +92,10 @@ def _load(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
         raise OnnxModelError(f"{path}: not a readable ONNX model ({error})") from error
 
 
-def open_session(path: Path | str, threads: int = 2, level: str = "all", spin: bool = True,
-                 optimized_path: Path | str | None = None) -> ort.InferenceSession:
+def open_session(path: Path | str, threads: int = 2, level: str = "all",
+                 spin: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads and an optimisation level
-    (``disabled``, ``basic``, ``extended``, ``all``); ``optimized_path`` saves the optimised graph.
+    (``disabled``, ``basic``, ``extended``, ``all``).
 
     ``spin=False`` stops its threads from busy-waiting once a run returns (they still spin
     within a run): needed when several models take turns on the same cores (a benchmark), where
@@ -111,8 +111,6 @@ def open_session(path: Path | str, threads: int = 2, level: str = "all", spin: b
     options.log_severity_level = 3
     if not spin:
         options.add_session_config_entry("session.force_spinning_stop", "1")
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
@@ -133,6 +131,12 @@ def onnx_runner(session: ort.InferenceSession):
         return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
 
     return run
+
+
+def fixed_batch(path: Path | str) -> int | None:
+    """The batch size the model's input is fixed to, or None if it is dynamic."""
+    dim = _load(Path(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
 
 
 def op_counts(path: Path | str) -> dict[str, int]:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.artifacts import write_metrics
-from edgefm.bench import Variant, benchmark, block_times, count_flops
+from edgefm.bench import benchmark, block_times, module_variant
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.evaluate import evaluate_split
@@ -44,8 +44,7 @@ def ensure_measuring(profile: Profile | str | None = None, progress: bool = True
     trained = ensure_finetuned(profile, progress=progress)
     model, cfg = load_detector(trained), trained.config.detector
     size, settings = cfg.image_size, profile.quantize.bench
-    variant = Variant("A (PyTorch FP32)", module=model, flops=count_flops(model, size),
-                      params=sum(p.numel() for p in model.parameters()))
+    variant = module_variant(model, size)
     split = ensure_dataset(profile).eval
     results = benchmark([variant], size, settings,
                         lambda v: evaluate_split(v.runner(2), split, cfg, model.stride))

@@ -12,6 +12,7 @@ is measured in one :func:`~edgefm.bench.benchmark` run against A in PyTorch and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,13 +20,13 @@ import onnx
 from onnx import numpy_helper
 
 from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, count_flops, latencies
+from edgefm.bench import Variant, benchmark, latencies, module_variant
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
-from edgefm.export import export_onnx, fuse_transformer, op_counts
+from edgefm.export import LEVELS, export_onnx, fuse_transformer, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
@@ -41,7 +42,6 @@ RECIPES = (
     QuantRecipe("static-reduce-range", reduce_range=True, op_types=CONVS),
     QuantRecipe("static-per-tensor", per_channel=False, op_types=CONVS),
 )
-LEVELS = ("disabled", "basic", "extended", "all")
 
 
 def layer_groups(depth: int) -> list[str]:
@@ -57,6 +57,18 @@ def activation_scales(path: Path) -> dict[str, float]:
     return {node.input[0]: float(values[node.input[1]]) for node in model.graph.node
             if node.op_type == "QuantizeLinear" and node.input[1] in values
             and values[node.input[1]].size == 1}
+
+
+def sensitivity_scan(exported: Path, prepared: Path, work: Path, groups: list[str],
+                     calibration: CalibrationScenes, score: Callable[[Path], dict]) -> list[dict]:
+    """mAP with one layer group at a time quantized (static MinMax), the rest FP32."""
+    scan = []
+    for group in groups:
+        recipe = QuantRecipe(f"only-{group}", op_types=CONVS, only=(group,))
+        scores = score(quantize(exported, prepared, work / "sensitivity.onnx", recipe, calibration))
+        scan.append({"group": group, "map": scores["map"], "map50": scores["map50"]})
+    (work / "sensitivity.onnx").unlink()
+    return scan
 
 
 def _build(work: Path, profile: Profile, progress: bool) -> None:
@@ -77,36 +89,29 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
             accuracy_cache[key] = evaluate_split(variant.runner(2), dataset.eval, cfg, model.stride)
         return accuracy_cache[key]
 
-    flops, params = count_flops(model, size), sum(p.numel() for p in model.parameters())
-
-    def onnx_variant(name: str, path: Path, precision: str, level: str = "all") -> Variant:
-        return Variant(name, onnx=path, precision=precision, flops=flops, params=params, level=level)
-
-    sensitivity = []
-    for group in layer_groups(backbone.num_layers):
-        recipe = QuantRecipe(f"only-{group}", op_types=CONVS, only=(group,))
-        path = quantize(exported, prepared, work / "sensitivity.onnx", recipe, calibration)
-        scores = evaluate_split(onnx_variant(group, path, "int8").runner(2), dataset.eval, cfg, model.stride)
-        sensitivity.append({"group": group, "map": scores["map"], "map50": scores["map50"]})
-    (work / "sensitivity.onnx").unlink()
-    reference = accuracy(onnx_variant("a-fp32", exported, "fp32"))["map"]
+    model_a = module_variant(model, size)
+    sensitivity = sensitivity_scan(
+        exported, prepared, work, layer_groups(backbone.num_layers), calibration,
+        lambda path: evaluate_split(model_a.exported("scan", path, "int8").runner(2), dataset.eval, cfg,
+                                    model.stride))
+    reference = accuracy(model_a.exported("a-fp32", exported))["map"]
     keep = tuple(s["group"] for s in sensitivity if reference - s["map"] > settings.sensitivity_threshold)
     recipes = (*RECIPES, QuantRecipe("static-mixed", op_types=CONVS, keep_fp32=keep))
 
-    variants = [Variant("A (PyTorch FP32)", module=model, flops=flops, params=params)]
-    variants += [onnx_variant(f"ORT FP32 ({level})", exported, "fp32", level) for level in LEVELS]
-    variants.append(onnx_variant("ORT FP32 (transformer optimizer)", work / "a-fp32-fused.onnx", "fp32"))
+    variants = [model_a]
+    variants += [model_a.exported(f"ORT FP32 ({level})", exported, level=level) for level in LEVELS]
+    variants.append(model_a.exported("ORT FP32 (transformer optimizer)", work / "a-fp32-fused.onnx"))
     for recipe in recipes:
         path = quantize(exported, prepared, work / f"a-{recipe.name}.onnx", recipe, calibration)
-        variants.append(onnx_variant(f"INT8 {recipe.name}", path, "int8"))
+        variants.append(model_a.exported(f"INT8 {recipe.name}", path, "int8"))
     qat_model = prepare_qat(load_detector(trained))
     train = CocoDetection(dataset.train, detection_transforms(size, train=True))
     qat_state = qat_finetune(qat_model, train, size, settings.qat, work, progress)
     qat_path = export_onnx(freeze(qat_model), work / "a-qat.onnx", size, dynamic_batch=False)
-    variants.append(onnx_variant("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
+    variants.append(model_a.exported("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
     bench = settings.bench
     # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
-    alone = {f"{t}t": latencies(variants[:1], size, t, bench.runs, bench.warmup)[variants[0].name]
+    alone = {f"{t}t": latencies([model_a], size, t, bench.runs, bench.warmup)[model_a.name]
              for t in bench.threads}
     results = benchmark(variants, size, bench, accuracy)
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
