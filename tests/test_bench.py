@@ -22,7 +22,7 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
     variants = [Variant("torch", module=model, flops=flops, params=params),
                 Variant("onnx", onnx=export_onnx(model, tmp_path / "m.onnx", 64), flops=flops, params=params)]
     scores = {"torch": 0.5, "onnx": 0.4}
-    results = benchmark(variants, 64, BenchConfig(runs=3, warmup=1, throughput_batch=2),
+    results = benchmark(variants, 64, BenchConfig(runs=3, warmup=1, throughput_batch=2, pause_ms=0),
                         lambda v: {"map": scores[v.name], "map50": 0.6})
     torch_record, onnx_record = results["variants"]
     assert set(torch_record) >= FIELDS and set(onnx_record) >= FIELDS

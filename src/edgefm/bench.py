@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,16 +158,23 @@ def _timed(call: Callable[[], object], runs: int) -> float:
     return float(np.median(seconds))
 
 
-def latencies(variants: list[Variant], image_size: int, threads: int, runs: int, warmup: int) -> dict:
-    """``{name: (median_ms, p90_ms)}`` at batch 1, the variants interleaved run by run."""
+def latencies(variants: list[Variant], image_size: int, threads: int, settings: BenchConfig) -> dict:
+    """``{name: (median_ms, p90_ms)}`` at batch 1, the variants interleaved run by run.
+
+    After each run the harness waits ``settings.pause_ms``: a runtime's worker threads keep
+    spinning for a while after a run (PyTorch's OpenMP pool does by default), and on a 2-core
+    machine they take a core from whichever variant runs next (an INT8 model run right after A
+    in PyTorch lost most of its 2-thread speed-up that way).
+    """
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     runners = {v.name: v.runner(threads) for v in variants}
     for run in runners.values():
-        for _ in range(warmup):
+        for _ in range(settings.warmup):
             run(image)
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(runs):
+    for _ in range(settings.runs):
         for name, run in runners.items():
+            time.sleep(settings.pause_ms / 1e3)
             start = time.perf_counter()
             run(image)
             seconds[name].append(time.perf_counter() - start)
@@ -233,7 +240,7 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
     reference latency / this latency; ``size_reduction``).
     """
     ceiling = {t: gemm_ceiling(t) for t in settings.threads}
-    timings = {t: latencies(variants, image_size, t, settings.runs, settings.warmup)
+    timings = {t: latencies(variants, image_size, t, settings)
                for t in settings.threads}
     records = []
     for variant in variants:
@@ -263,8 +270,7 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
         if "map" in record:
             record["map_drop"] = reference["map"] - record["map"]
     return {"machine": machine(), "ceiling": list(ceiling.values()), "variants": records,
-            "settings": {"runs": settings.runs, "warmup": settings.warmup,
-                         "throughput_batch": settings.throughput_batch}}
+            "settings": asdict(settings)}
 
 
 def block_times(model: torch.nn.Module, blocks: dict[str, torch.nn.Module], image_size: int,

@@ -133,12 +133,14 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     """How hard to measure: ``runs`` timed runs per variant and thread count after ``warmup``
-    untimed ones; throughput at ``throughput_batch``; ``memory`` reads each variant's peak
-    resident size in a fresh process (a few seconds each)."""
+    untimed ones, with a pause of ``pause_ms`` before each run (see :func:`edgefm.bench.latencies`);
+    throughput at ``throughput_batch``; ``memory`` reads each variant's peak resident size in a
+    fresh process (a few seconds each)."""
 
     threads: tuple[int, ...] = (1, 2)
     runs: int = 50
     warmup: int = 10
+    pause_ms: float = 20.0
     throughput_batch: int = 16
     memory: bool = True
 

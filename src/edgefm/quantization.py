@@ -111,7 +111,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     variants.append(model_a.exported("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
     bench = settings.bench
     # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
-    alone = {f"{t}t": latencies([model_a], size, t, bench.runs, bench.warmup)[model_a.name]
+    alone = {f"{t}t": latencies([model_a], size, t, bench)[model_a.name]
              for t in bench.threads}
     results = benchmark(variants, size, bench, accuracy)
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
