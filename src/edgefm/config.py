@@ -9,7 +9,7 @@ command line read the same objects, so a chapter and ``edgefm <stage>`` compute 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PROFILE_ENV = "EDGEFM_PROFILE"
 DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"  # "1": code may fetch data and weights (needs a network)
@@ -174,6 +174,97 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class DistillWeights:
+    """How much each imitation term counts next to the detection loss (weight 1); see
+    :mod:`edgefm.compress.distill`."""
+
+    heatmap: float = 1.0
+    boxes: float = 0.1
+    features: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """A smaller detector (:mod:`edgefm.compress.students`) and how it learns.
+
+    ``kind`` is ``"vit"`` (A cut down: ``depth`` blocks kept, ``width`` of the channels in
+    ``scope`` and ``heads`` of every block's heads pruned, see :mod:`edgefm.compress.prune`;
+    weights from ``init``: ``"teacher"``, ``"mae"`` or ``"random"``) or a ``timm`` model name
+    read at ``stride`` (random weights), whose pyramid and head are ``channels`` and
+    ``head_hidden`` wide (0: A's). ``distill`` None trains on the labels alone.
+    """
+
+    name: str
+    kind: str = "vit"
+    init: str = "teacher"
+    depth: int = 0  # 0: all of A's blocks
+    width: float = 0.0
+    heads: float = 0.0
+    scope: str = "all"
+    image_size: int = 0  # 0: A's; a ViT student may run smaller behind A's input
+    stride: int = 16
+    channels: int = 0
+    head_hidden: int = 0
+    distill: DistillWeights | None = field(default_factory=DistillWeights)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentTraining:
+    """How long and how fast a student trains (AdamW, warm-up then cosine, as A)."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: float = 5.0
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The ``optuna`` search over ViT students: ``trials`` trials (the first is ``start``), each
+    trained for the comparison budget and scored on val mAP and 2-thread latency as a fraction of
+    A's, measured beside A. ``storage`` is an optuna storage URL (empty: SQLite in the stage's
+    folder); ``latency_budget`` is the largest fraction of A's latency B may take."""
+
+    trials: int = 8
+    storage: str = ""
+    latency_budget: float = 0.3
+    depths: tuple[int, ...] = (2, 3, 4)
+    widths: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
+    heads: tuple[float, ...] = (0.0, 0.34)
+    image_sizes: tuple[int, ...] = (96, 112, 128)
+    heatmap_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
+    feature_weights: tuple[float, ...] = (0.0, 1.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SmallerConfig:
+    """Model B: pruning curves of A, the students compared with and without distillation (all at
+    the ``compare`` budget), the search, and B retrained at the ``final`` budget."""
+
+    pruning_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    students: tuple[StudentConfig, ...] = (
+        StudentConfig("ViT from A, distilled", depth=3, width=0.5),
+        StudentConfig("ViT from A, labels only", depth=3, width=0.5, distill=None),
+        StudentConfig("ViT from MAE, distilled", init="mae", depth=3, width=0.5),
+        StudentConfig("MobileNetV4, distilled", kind="mobilenetv4_conv_small", channels=48, head_hidden=24),
+        StudentConfig("MobileNetV4, labels only", kind="mobilenetv4_conv_small", channels=48,
+                      head_hidden=24, distill=None),
+    )
+    compare: StudentTraining = field(default_factory=StudentTraining)
+    final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=1200, warmup_steps=50))
+    search: SearchConfig = field(default_factory=SearchConfig)
+    search_start: StudentConfig = StudentConfig("search start", depth=3, width=0.5)
+    search_runs: int = 30  # timed runs per trial (beside A, 2 threads)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+@dataclass(frozen=True)
 class Profile:
     """All stage configurations of one profile."""
 
@@ -189,6 +280,7 @@ class Profile:
     curve_steps: int = 600
     spread_seeds: tuple[int, ...] = (1,)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    smaller: SmallerConfig = field(default_factory=SmallerConfig)
 
 
 def _smoke() -> Profile:
@@ -211,8 +303,20 @@ def _smoke() -> Profile:
                               bench=BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False),
                               qat=QatConfig(steps=4, calibration_batches=1, warmup_steps=1,
                                             checkpoint_every=2))
+    quick = BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False)
+    smaller = SmallerConfig(
+        pruning_ratios=(0.5,),
+        students=tuple(replace(s, depth=min(s.depth, 1), channels=min(s.channels, 16),
+                               head_hidden=min(s.head_hidden, 16))
+                       for s in SmallerConfig().students),
+        compare=StudentTraining(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2),
+        final=StudentTraining(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3),
+        search=SearchConfig(trials=2, depths=(1, 2), widths=(0.25, 0.5), heads=(0.0,), image_sizes=(48, 64)),
+        search_start=StudentConfig("search start", depth=1, width=0.5),
+        search_runs=5, bench=quick,
+    )
     return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, curve_steps=6,
-                   quantize=quantize)
+                   quantize=quantize, smaller=smaller)
 
 
 def _default() -> Profile:

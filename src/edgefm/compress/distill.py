@@ -12,23 +12,19 @@ the ordinary detection loss on the labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from edgefm.config import DistillWeights, StudentTraining
+from edgefm.data.coco import CocoDetection, collate
+from edgefm.models.centernet import centernet_loss, centernet_targets
 from edgefm.models.detector import Detector
-
-
-@dataclass(frozen=True)
-class DistillWeights:
-    """How much each imitation term counts next to the detection loss (weight 1)."""
-
-    heatmap: float = 1.0
-    boxes: float = 0.1
-    features: float = 1.0
-    temperature: float = 2.0
+from edgefm.training import TrainState, batch_indices, cosine_with_warmup, load_checkpoint, save_checkpoint
 
 
 def heatmap_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,15 +50,16 @@ class Distiller(nn.Module):
     """A student, a frozen teacher, and the projection from the student's neck to the teacher's.
 
     Only the student and the projection train; the teacher stays in eval mode without gradients.
+    A student on a coarser grid (one that runs at a lower resolution) imitates the teacher's maps
+    resized to its grid; box distances are in input pixels for both, so they need no rescaling.
     """
 
-    def __init__(self, student: Detector, teacher: Detector, weights: DistillWeights = DistillWeights()):
+    def __init__(self, student: Detector, teacher: Detector, weights: DistillWeights | None = None):
         super().__init__()
-        if student.stride != teacher.stride or student.num_classes != teacher.num_classes:
-            raise ValueError(f"student (stride {student.stride}, {student.num_classes} classes) and "
-                             f"teacher (stride {teacher.stride}, {teacher.num_classes} classes) must "
-                             "share the head's grid")
-        self.student, self.teacher, self.weights = student, teacher.eval(), weights
+        if student.num_classes != teacher.num_classes:
+            raise ValueError(f"student ({student.num_classes} classes) and teacher "
+                             f"({teacher.num_classes} classes) must predict the same classes")
+        self.student, self.teacher, self.weights = student, teacher.eval(), weights or DistillWeights()
         for param in self.teacher.parameters():
             param.requires_grad_(False)
         s_channels, t_channels = neck_channels(student), neck_channels(teacher)
@@ -81,6 +78,10 @@ class Distiller(nn.Module):
         with torch.no_grad():
             teacher_features = self.teacher.forward_features(images)
             teacher_heat, teacher_boxes = self.teacher.head(teacher_features)
+            if teacher_heat.shape[-2:] != heat.shape[-2:]:
+                teacher_features, teacher_heat, teacher_boxes = (
+                    F.interpolate(t, size=heat.shape[-2:], mode="bilinear", align_corners=False)
+                    for t in (teacher_features, teacher_heat, teacher_boxes))
         w = self.weights
         losses = {
             "heatmap": w.heatmap * heatmap_distillation(heat, teacher_heat, w.temperature),
@@ -88,3 +89,54 @@ class Distiller(nn.Module):
             "features": w.features * F.mse_loss(self.project(features), teacher_features),
         }
         return (heat, boxes), losses
+
+
+def student_loss(model: Detector | Distiller, images: torch.Tensor,
+                 targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The detection loss on the labels, plus the imitation terms when ``model`` is a Distiller."""
+    student = model.student if isinstance(model, Distiller) else model
+    out_size = (round(images.shape[-1] / student.stride),) * 2
+    encoded = [centernet_targets(t["boxes"], t["labels"], student.num_classes, out_size, student.stride)
+               for t in targets]
+    if isinstance(model, Distiller):
+        outputs, imitation = model(images)
+    else:
+        outputs, imitation = model(images), {}
+    losses = centernet_loss(outputs, encoded, student.stride)
+    losses.update({f"kd_{name}": value for name, value in imitation.items()})
+    losses["total"] = losses["total"] + sum(imitation.values(), torch.zeros(()))
+    return losses
+
+
+def train_student(student: Detector, teacher: Detector | None, weights: DistillWeights | None,
+                  train: CocoDetection, cfg: StudentTraining, work: Path, seed: int = 0,
+                  progress: bool = True, desc: str = "student") -> TrainState:
+    """Train ``student`` on ``train`` (distilled from ``teacher`` when ``weights`` is given) for
+    ``cfg.steps``; checkpoints in ``work`` let a killed run continue exactly. Returns the history."""
+    torch.manual_seed(seed)
+    model: Detector | Distiller = (Distiller(student, teacher, weights) if weights is not None else student)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    checkpoint = work / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint.exists() else TrainState()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not progress)
+    while state.step < cfg.steps:
+        start = time.perf_counter()
+        chosen = batch_indices(state.step, cfg.batch_size, len(train), seed)
+        images, targets = collate([train[int(i)] for i in chosen])
+        losses = student_loss(model, images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        state.seconds += time.perf_counter() - start
+        state.losses.append(round(losses["total"].item(), 5))
+        bar.update()
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
+    bar.close()
+    return state

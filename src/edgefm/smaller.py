@@ -1,0 +1,204 @@
+"""The smaller-model study: model B, found by pruning, distillation and search, measured against A.
+
+Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
+(:func:`~edgefm.compress.students.build_student`) and trained with
+:func:`~edgefm.compress.distill.train_student`:
+
+1. **pruning curves**: A with ``ratio`` of its heads and MLP channels removed, scored before and
+   after a fine-tune (distilled from A) at the comparison budget;
+2. **students**: the configured ViT and mobile students, each with and without distillation, at
+   the same budget;
+3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
+   latency as a fraction of A's;
+4. **B**: the most accurate trial within the latency budget, trained again for the final budget.
+
+Every trained model is kept (safetensors) in the stage's folder, so a killed build continues where
+it stopped; one :func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
+``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from edgefm.artifacts import (
+    atomic_path,
+    atomic_write_json,
+    config_hash,
+    ensure_dir,
+    plain,
+    project_root,
+    stage_dir,
+    write_metrics,
+)
+from edgefm.bench import benchmark, latencies, module_variant
+from edgefm.compress.distill import train_student
+from edgefm.compress.search import choose, from_params, run_search, trial_records
+from edgefm.compress.students import build_student
+from edgefm.config import Profile, StudentConfig, StudentTraining, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.data.coco import CocoDetection
+from edgefm.data.transforms import detection_transforms
+from edgefm.evaluate import evaluate_split
+from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+from edgefm.models.detector import Detector
+from edgefm.training import TrainState
+
+WEIGHTS = "model.safetensors"
+
+
+def pruned(ratio: float) -> StudentConfig:
+    """A with ``ratio`` of every block's heads and MLP channels removed, fine-tuned by distillation."""
+    return StudentConfig(f"A pruned {ratio:g}", width=ratio, heads=ratio, scope="blocks")
+
+
+def slug(name: str) -> str:
+    """A folder name for a candidate."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class Candidates:
+    """Builds, trains (once) and loads the candidates of one study, all from the same teacher."""
+
+    def __init__(self, work: Path, profile: Profile, progress: bool):
+        trained = ensure_finetuned(profile, progress=progress)
+        self.teacher, self.detector, self.backbone = (load_detector(trained), trained.config.detector,
+                                                      trained.backbone)
+        self.dataset = ensure_dataset(profile)
+        transforms = detection_transforms(self.detector.image_size, train=True)
+        self.train = CocoDetection(self.dataset.train, transforms)
+        self.mae_source = None
+        if any(s.init == "mae" for s in profile.smaller.students):
+            from edgefm.pretrain import ensure_pretrained
+
+            self.mae_source = ensure_pretrained(profile, progress=progress).source
+        self.work, self.progress, self.model_a = work, progress, trained.path.name
+
+    def build(self, spec: StudentConfig) -> Detector:
+        return build_student(spec, self.teacher, self.detector, self.backbone, self.mae_source)
+
+    def trained(self, spec: StudentConfig, training: StudentTraining,
+                folder: str) -> tuple[Detector, TrainState]:
+        """The candidate after ``training``; trained now unless its folder already holds it."""
+        model, target = self.build(spec), self.work / folder
+        if not (target / WEIGHTS).is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            state = train_student(model, self.teacher, spec.distill, self.train, training, target, spec.seed,
+                                  self.progress, desc=spec.name)
+            with atomic_path(target / WEIGHTS) as tmp:
+                save_file(model.state_dict(), str(tmp))
+            atomic_write_json(target / "train_state.json", asdict(state))
+            (target / "checkpoint.pt").unlink(missing_ok=True)
+        model.load_state_dict(load_file(str(target / WEIGHTS)))
+        state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
+        return model.eval(), state
+
+    def val_map(self, model: Detector) -> float:
+        return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+
+
+def study_name(profile: Profile, model_a: str) -> str:
+    """The search's name in its storage: trials are shared only by searches of the same A, the
+    same choices and the same comparison budget."""
+    settings = profile.smaller
+    key = config_hash({"search": settings.search, "start": settings.search_start, "compare": settings.compare,
+                       "model_a": model_a, "data": profile.data})
+    return f"model-b-{profile.name}-{key[:12]}"
+
+
+def shipped_study(profile: Profile) -> Path:
+    """Where the book keeps a finished search for a profile (an optuna SQLite file)."""
+    return project_root() / "studies" / f"model-b-{profile.name}.db"
+
+
+def search_storage(work: Path, profile: Profile) -> str:
+    """The profile's storage URL if it names one; else an SQLite file in the stage folder, started
+    from the shipped study when there is one, so a build reuses its finished trials."""
+    if profile.smaller.search.storage:
+        return profile.smaller.search.storage
+    local = work / "search.db"
+    if not local.exists() and shipped_study(profile).is_file():
+        shutil.copyfile(shipped_study(profile), local)
+    return f"sqlite:///{local.resolve()}"
+
+
+def _build(work: Path, profile: Profile, progress: bool) -> None:
+    settings = profile.smaller
+    found = Candidates(work, profile, progress)
+    size = found.detector.image_size
+    model_a = module_variant(found.teacher, size)
+    results: dict = {"model_a": found.model_a, "a_val_map": found.val_map(found.teacher)}
+
+    curve, models = [], {}
+    for ratio in settings.pruning_ratios:
+        spec = pruned(ratio)
+        before = found.build(spec)
+        after, state = found.trained(spec, settings.compare, slug(spec.name))
+        models[spec.name] = after
+        curve.append({"ratio": ratio, "name": spec.name, "val_map_before": found.val_map(before),
+                      "val_map_after": found.val_map(after), "train_seconds": state.seconds})
+    results["pruning"] = curve
+
+    students = []
+    for spec in settings.students:
+        model, state = found.trained(spec, settings.compare, slug(spec.name))
+        models[spec.name] = model
+        students.append({"name": spec.name, "config": plain(spec), "val_map": found.val_map(model),
+                         "train_seconds": state.seconds})
+    results["students"] = students
+
+    def objective(spec: StudentConfig, number: int) -> tuple[float, float]:
+        model, _ = found.trained(spec, settings.compare, f"trial-{number}")
+        timing = latencies([model_a, module_variant(model, size, spec.name)], size, 2,
+                           replace(settings.bench, runs=settings.search_runs))
+        return found.val_map(model), timing[spec.name][0] / timing[model_a.name][0]
+
+    search = settings.search
+    study = run_search(objective, search, settings.search_start, size, search_storage(work, profile),
+                       name=study_name(profile, found.model_a))
+    trials = trial_records(study)
+    chosen = choose(trials, search.latency_budget)
+    b_spec = from_params(settings.search_start, chosen, "B")
+    model_b, b_state = found.trained(b_spec, settings.final, "b")
+    models["B"] = model_b
+    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
+                   b_train_seconds=b_state.seconds, b_val_map=found.val_map(model_b),
+                   latency_budget=search.latency_budget, storage=search.storage or "sqlite (stage folder)")
+
+    variants = [model_a] + [module_variant(m, size, name) for name, m in models.items()]
+    split = found.dataset.eval
+    results["bench"] = benchmark(
+        variants, size, settings.bench,
+        lambda v: evaluate_split(v.runner(2), split, found.detector, v.module.stride))
+    atomic_write_json(work / "results.json", results)
+
+
+def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) -> dict:
+    """Build (or load) the study and model B; write ``metrics/smaller.json``."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    trained = ensure_finetuned(profile, progress=progress)
+    key = {"smaller": profile.smaller, "model_a": trained.path.name, "data": profile.data}
+    target = stage_dir(profile.name, "smaller", key, "edgefm.smaller")
+    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    records = results["bench"]["variants"]
+    metrics = {**results, "variants": records, "b": "B",
+               "b_record": next(r for r in records if r["name"] == "B"), "folder": str(target)}
+    write_metrics(profile.name, "smaller", metrics)
+    return metrics
+
+
+def load_b(profile: Profile | str | None = None) -> Detector:
+    """Model B from the study's folder (built first if needed)."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    results = ensure_smaller(profile, progress=False)
+    found = Candidates(Path(results["folder"]), profile, progress=False)
+    model = found.build(StudentConfig(**{**results["b_config"], "distill": None}))
+    model.load_state_dict(load_file(str(Path(results["folder"]) / "b" / WEIGHTS)))
+    return model.eval()
