@@ -5,6 +5,7 @@ from dataclasses import replace
 import torch
 
 from edgefm import smaller
+from edgefm.artifacts import artifacts_root
 from edgefm.compress.search import choose, run_search, trial_records
 from edgefm.config import SearchConfig, StudentConfig, load_profile
 from edgefm.smaller import ensure_smaller, load_b, search_storage, shipped_study, study_name
@@ -61,15 +62,12 @@ def test_a_shipped_study_seeds_the_stage_storage(tmp_path, monkeypatch):
     assert study_name(profile, "a1") != study_name(profile, "a2")  # another A: another search
     shipped = tmp_path / "shipped.db"
     monkeypatch.setattr(smaller, "shipped_study", lambda _: shipped)
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    assert search_storage(fresh, profile) == f"sqlite:///{(fresh / 'search.db').resolve()}"
-    assert not (fresh / "search.db").exists()  # nothing shipped: optuna starts an empty one
+    local = artifacts_root() / "smoke" / "search" / "model-b.db"
+    assert search_storage(profile) == f"sqlite:///{local.resolve()}"
+    assert not local.exists()  # nothing shipped: optuna starts an empty one
     shipped.write_bytes(b"a finished study")
-    seeded = tmp_path / "seeded"
-    seeded.mkdir()
-    search_storage(seeded, profile)
-    assert (seeded / "search.db").read_bytes() == b"a finished study"
+    search_storage(profile)
+    assert local.read_bytes() == b"a finished study"
     other = replace(profile, smaller=replace(profile.smaller, search=replace(profile.smaller.search,
                                                                              storage="postgresql://db/edgefm")))
-    assert search_storage(seeded, other) == "postgresql://db/edgefm"
+    assert search_storage(other) == "postgresql://db/edgefm"

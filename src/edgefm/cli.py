@@ -178,6 +178,21 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     print(f"models: {results['folder']}")
 
 
+def _cmd_smaller(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from edgefm.smaller import ensure_smaller
+
+    profile = load_profile(args.profile)
+    if args.storage or args.trials:
+        search = profile.smaller.search
+        search = replace(search, storage=args.storage or search.storage, trials=args.trials or search.trials)
+        profile = replace(profile, smaller=replace(profile.smaller, search=search))
+    results = ensure_smaller(profile)
+    _print_variants(results["variants"], profile.smaller.bench.threads)
+    print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefm",
@@ -244,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant = commands.add_parser("quantize", help="export A, quantize it to INT8 with every recipe, "
                                 "benchmark all variants (cached)")
     quant.set_defaults(run=_cmd_quantize)
+
+    smaller = commands.add_parser("smaller", help="find model B: prune A, distill students, search with "
+                                  "optuna, benchmark them all (cached; resumes if interrupted)")
+    smaller.add_argument("--storage", default=None, help="optuna storage URL for the search, e.g. "
+                         "postgresql://host/db: processes given the same URL share the trials "
+                         "(default: SQLite in the stage folder)")
+    smaller.add_argument("--trials", type=int, default=None, help="finished trials the search needs "
+                         "(default: the profile's)")
+    smaller.set_defaults(run=_cmd_smaller)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")

@@ -20,7 +20,6 @@ it stopped; one :func:`~edgefm.bench.benchmark` run measures A and all of them o
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from edgefm.artifacts import (
+    artifacts_root,
     atomic_path,
     atomic_write_json,
     config_hash,
@@ -41,7 +41,7 @@ from edgefm.bench import benchmark, latencies, module_variant
 from edgefm.compress.distill import train_student
 from edgefm.compress.search import choose, from_params, run_search, trial_records
 from edgefm.compress.students import build_student
-from edgefm.config import Profile, StudentConfig, StudentTraining, load_profile
+from edgefm.config import DistillWeights, Profile, StudentConfig, StudentTraining, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
@@ -58,15 +58,10 @@ def pruned(ratio: float) -> StudentConfig:
     return StudentConfig(f"A pruned {ratio:g}", width=ratio, heads=ratio, scope="blocks")
 
 
-def slug(name: str) -> str:
-    """A folder name for a candidate."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 class Candidates:
-    """Builds, trains (once) and loads the candidates of one study, all from the same teacher."""
+    """Builds, trains (once) and loads the candidates of a study, all from the same teacher."""
 
-    def __init__(self, work: Path, profile: Profile, progress: bool):
+    def __init__(self, profile: Profile, progress: bool):
         trained = ensure_finetuned(profile, progress=progress)
         self.teacher, self.detector, self.backbone = (load_detector(trained), trained.config.detector,
                                                       trained.backbone)
@@ -78,23 +73,34 @@ class Candidates:
             from edgefm.pretrain import ensure_pretrained
 
             self.mae_source = ensure_pretrained(profile, progress=progress).source
-        self.work, self.progress, self.model_a = work, progress, trained.path.name
+        self.profile, self.progress, self.model_a = profile, progress, trained.path.name
 
     def build(self, spec: StudentConfig) -> Detector:
         return build_student(spec, self.teacher, self.detector, self.backbone, self.mae_source)
 
-    def trained(self, spec: StudentConfig, training: StudentTraining,
-                folder: str) -> tuple[Detector, TrainState]:
-        """The candidate after ``training``; trained now unless its folder already holds it."""
-        model, target = self.build(spec), self.work / folder
-        if not (target / WEIGHTS).is_file():
-            target.mkdir(parents=True, exist_ok=True)
-            state = train_student(model, self.teacher, spec.distill, self.train, training, target, spec.seed,
+    def folder(self, spec: StudentConfig, training: StudentTraining) -> Path:
+        """Where a candidate's weights live: keyed by what makes it (not its name) and by the
+        code that trains it, so every study, trial and rebuild that asks for it shares one run."""
+        key = {"student": replace(spec, name=""), "training": training, "model_a": self.model_a,
+               "data": self.profile.data}
+        return stage_dir(self.profile.name, "students", key, "edgefm.compress.distill",
+                         "edgefm.compress.students")
+
+    def trained(self, spec: StudentConfig, training: StudentTraining) -> tuple[Detector, TrainState]:
+        """The candidate after ``training``, trained now unless an earlier run left it."""
+
+        def build(work: Path) -> None:
+            model = self.build(spec)
+            state = train_student(model, self.teacher, spec.distill, self.train, training, work, spec.seed,
                                   self.progress, desc=spec.name)
-            with atomic_path(target / WEIGHTS) as tmp:
+            with atomic_path(work / WEIGHTS) as tmp:
                 save_file(model.state_dict(), str(tmp))
-            atomic_write_json(target / "train_state.json", asdict(state))
-            (target / "checkpoint.pt").unlink(missing_ok=True)
+            atomic_write_json(work / "train_state.json", asdict(state))
+            (work / "checkpoint.pt").unlink(missing_ok=True)
+
+        target = ensure_dir(self.folder(spec, training), build,
+                            config={"student": spec, "training": training})
+        model = self.build(spec)
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
         return model.eval(), state
@@ -117,12 +123,13 @@ def shipped_study(profile: Profile) -> Path:
     return project_root() / "studies" / f"model-b-{profile.name}.db"
 
 
-def search_storage(work: Path, profile: Profile) -> str:
-    """The profile's storage URL if it names one; else an SQLite file in the stage folder, started
-    from the shipped study when there is one, so a build reuses its finished trials."""
+def search_storage(profile: Profile) -> str:
+    """The profile's storage URL if it names one; else ``artifacts/<profile>/search/model-b.db``,
+    started from the shipped study when there is one, so a build reuses its finished trials."""
     if profile.smaller.search.storage:
         return profile.smaller.search.storage
-    local = work / "search.db"
+    local = artifacts_root() / profile.name / "search" / "model-b.db"
+    local.parent.mkdir(parents=True, exist_ok=True)
     if not local.exists() and shipped_study(profile).is_file():
         shutil.copyfile(shipped_study(profile), local)
     return f"sqlite:///{local.resolve()}"
@@ -130,7 +137,7 @@ def search_storage(work: Path, profile: Profile) -> str:
 
 def _build(work: Path, profile: Profile, progress: bool) -> None:
     settings = profile.smaller
-    found = Candidates(work, profile, progress)
+    found = Candidates(profile, progress)
     size = found.detector.image_size
     model_a = module_variant(found.teacher, size)
     results: dict = {"model_a": found.model_a, "a_val_map": found.val_map(found.teacher)}
@@ -139,7 +146,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     for ratio in settings.pruning_ratios:
         spec = pruned(ratio)
         before = found.build(spec)
-        after, state = found.trained(spec, settings.compare, slug(spec.name))
+        after, state = found.trained(spec, settings.compare)
         models[spec.name] = after
         curve.append({"ratio": ratio, "name": spec.name, "val_map_before": found.val_map(before),
                       "val_map_after": found.val_map(after), "train_seconds": state.seconds})
@@ -147,29 +154,33 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
 
     students = []
     for spec in settings.students:
-        model, state = found.trained(spec, settings.compare, slug(spec.name))
+        model, state = found.trained(spec, settings.compare)
         models[spec.name] = model
         students.append({"name": spec.name, "config": plain(spec), "val_map": found.val_map(model),
                          "train_seconds": state.seconds})
     results["students"] = students
 
+    ran: list[int] = []
+
     def objective(spec: StudentConfig, number: int) -> tuple[float, float]:
-        model, _ = found.trained(spec, settings.compare, f"trial-{number}")
+        ran.append(number)
+        model, _ = found.trained(spec, settings.compare)
         timing = latencies([model_a, module_variant(model, size, spec.name)], size, 2,
                            replace(settings.bench, runs=settings.search_runs))
         return found.val_map(model), timing[spec.name][0] / timing[model_a.name][0]
 
     search = settings.search
-    study = run_search(objective, search, settings.search_start, size, search_storage(work, profile),
+    study = run_search(objective, search, settings.search_start, size, search_storage(profile),
                        name=study_name(profile, found.model_a))
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
     b_spec = from_params(settings.search_start, chosen, "B")
-    model_b, b_state = found.trained(b_spec, settings.final, "b")
+    model_b, b_state = found.trained(b_spec, settings.final)
     models["B"] = model_b
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
                    b_train_seconds=b_state.seconds, b_val_map=found.val_map(model_b),
-                   latency_budget=search.latency_budget, storage=search.storage or "sqlite (stage folder)")
+                   latency_budget=search.latency_budget, storage=search.storage or "sqlite (stage folder)",
+                   trials_run=len(ran))
 
     variants = [model_a] + [module_variant(m, size, name) for name, m in models.items()]
     split = found.dataset.eval
@@ -195,10 +206,11 @@ def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) 
 
 
 def load_b(profile: Profile | str | None = None) -> Detector:
-    """Model B from the study's folder (built first if needed)."""
+    """Model B (its study is built first if needed)."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     results = ensure_smaller(profile, progress=False)
-    found = Candidates(Path(results["folder"]), profile, progress=False)
-    model = found.build(StudentConfig(**{**results["b_config"], "distill": None}))
-    model.load_state_dict(load_file(str(Path(results["folder"]) / "b" / WEIGHTS)))
-    return model.eval()
+    found = Candidates(profile, progress=False)
+    config = results["b_config"]
+    spec = StudentConfig(**{**config, "distill": config["distill"] and DistillWeights(**config["distill"])})
+    model, _ = found.trained(spec, profile.smaller.final)
+    return model

@@ -64,9 +64,10 @@ def run_search(objective: Objective, settings: SearchConfig, start: StudentConfi
         spec = suggest(trial, settings, start)
         return objective(spec, trial.number)
 
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    if done < settings.trials:
-        study.optimize(score, n_trials=settings.trials - done)
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    if len(study.get_trials(states=complete)) < settings.trials:
+        # the callback counts every worker's trials: processes sharing a database stop together
+        study.optimize(score, callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=complete)])
     return study
 
 
