@@ -41,7 +41,8 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     results = ensure_smaller("smoke", progress=False)
     settings = load_profile("smoke").smaller
     names = [r["name"] for r in results["variants"]]
-    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in settings.students), "B"]
+    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in settings.students), "B",
+                "B, labels only"]
     assert names == expected
     for record in results["variants"]:
         assert all(record[f] is not None for f in FIELDS), record["name"]

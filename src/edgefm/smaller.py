@@ -10,7 +10,8 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
    the same budget;
 3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
    latency as a fraction of A's;
-4. **B**: the most accurate trial within the latency budget, trained again for the final budget.
+4. **B**: the most accurate trial within the latency budget, trained again for the final budget,
+   distilled, and once more on the labels alone (what distillation adds at that budget).
 
 Every trained model is kept (safetensors) in the stage's folder, so a killed build continues where
 it stopped; one :func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
@@ -51,6 +52,7 @@ from edgefm.models.detector import Detector
 from edgefm.training import TrainState
 
 WEIGHTS = "model.safetensors"
+PLAIN_B = "B, labels only"
 
 
 def pruned(ratio: float) -> StudentConfig:
@@ -177,8 +179,12 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     b_spec = from_params(settings.search_start, chosen, "B")
     model_b, b_state = found.trained(b_spec, settings.final)
     models["B"] = model_b
+    # the same student, the same budget, the labels alone: what distillation adds to B
+    plain_b, plain_state = found.trained(replace(b_spec, name=PLAIN_B, distill=None), settings.final)
+    models[PLAIN_B] = plain_b
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
                    b_train_seconds=b_state.seconds, b_val_map=found.val_map(model_b),
+                   plain_b_val_map=found.val_map(plain_b), plain_b_train_seconds=plain_state.seconds,
                    latency_budget=search.latency_budget, storage=search.storage or "sqlite (stage folder)",
                    trials_run=len(ran))
 
