@@ -10,8 +10,8 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
    the same budget;
 3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
    latency as a fraction of A's;
-4. **B**: the most accurate trial within the latency budget, trained again for the final budget,
-   distilled, and once more on the labels alone (what distillation adds at that budget).
+4. **B**: the most accurate trial within the latency budget, trained again with the final compute
+   twice, distilled and on the labels alone (more steps for the same time); the better on val is B.
 
 Every trained model is kept (safetensors) in the stage's folder, so a killed build continues where
 it stopped; one :func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
@@ -52,7 +52,6 @@ from edgefm.models.detector import Detector
 from edgefm.training import TrainState
 
 WEIGHTS = "model.safetensors"
-PLAIN_B = "B, labels only"
 
 
 def pruned(ratio: float) -> StudentConfig:
@@ -177,15 +176,21 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
     b_spec = from_params(settings.search_start, chosen, "B")
-    model_b, b_state = found.trained(b_spec, settings.final)
-    models["B"] = model_b
-    # the same student, the same budget, the labels alone: what distillation adds to B
-    plain_b, plain_state = found.trained(replace(b_spec, name=PLAIN_B, distill=None), settings.final)
-    models[PLAIN_B] = plain_b
-    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
-                   b_train_seconds=b_state.seconds, b_val_map=found.val_map(model_b),
-                   plain_b_val_map=found.val_map(plain_b), plain_b_train_seconds=plain_state.seconds,
-                   latency_budget=search.latency_budget, storage=search.storage or "sqlite (stage folder)",
+    # the chosen student trained twice for the same compute: distilled, and on the labels alone
+    # for more steps (a distilled step also runs A); the one better on val is B
+    runs = {}
+    for spec, training in ((b_spec, settings.final), (replace(b_spec, distill=None), settings.final_plain)):
+        model, state = found.trained(spec, training)
+        runs["distilled" if spec.distill else "labels only"] = {
+            "model": model, "steps": training.steps, "train_seconds": state.seconds,
+            "val_map": found.val_map(model)}
+    best = max(runs, key=lambda way: runs[way]["val_map"])
+    for way in sorted(runs, key=lambda way: way != best):  # B first
+        models["B" if way == best else f"B's student, {way}"] = runs[way].pop("model")
+    b_spec = b_spec if best == "distilled" else replace(b_spec, distill=None)
+    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_training=best,
+                   b_runs=runs, latency_budget=search.latency_budget,
+                   storage=search.storage or "sqlite (stage folder)",
                    trials_run=len(ran))
 
     variants = [model_a] + [module_variant(m, size, name) for name, m in models.items()]
@@ -218,5 +223,6 @@ def load_b(profile: Profile | str | None = None) -> Detector:
     found = Candidates(profile, progress=False)
     config = results["b_config"]
     spec = StudentConfig(**{**config, "distill": config["distill"] and DistillWeights(**config["distill"])})
-    model, _ = found.trained(spec, profile.smaller.final)
+    training = profile.smaller.final if spec.distill else profile.smaller.final_plain
+    model, _ = found.trained(spec, training)
     return model
