@@ -9,6 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+
+def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, module, step: int, run) -> None:
+    """Call ``run()`` with ``module.save_checkpoint`` raising KeyboardInterrupt right after it
+    writes the checkpoint of ``step`` (a run killed there), then restore the real one."""
+    real_save = module.save_checkpoint
+
+    def save_then_die(path, model, optimizer, scheduler, state):
+        real_save(path, model, optimizer, scheduler, state)
+        if state.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, "save_checkpoint", real_save)
+
+
 # Tiny models run fastest on one thread, and tests then never fight a background job for cores.
 torch.set_num_threads(1)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_after_checkpoint
 from edgefm.compress import distill as distill_module
 from edgefm.compress.distill import Distiller, heatmap_distillation, train_student
 from edgefm.compress.prune import keep_blocks, prune_detector, spread_blocks, widths
@@ -182,17 +183,7 @@ def test_student_training_resumes_exactly_and_distillation_adds_its_terms(fashio
                              tmp_path / folder, progress=False)
 
     straight = run("straight")
-    real_save = distill_module.save_checkpoint
-
-    def save_then_die(path, model, optimizer, scheduler, state):
-        real_save(path, model, optimizer, scheduler, state)
-        if state.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run("resumed")
-    monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
+    kill_after_checkpoint(monkeypatch, distill_module, 2, lambda: run("resumed"))
     assert run("resumed").losses == straight.losses
     plain = train_student(tiny_detector(num_classes=10, seed=2), None, None, train, cfg, tmp_path / "plain",
                           progress=False)

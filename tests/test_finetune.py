@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import kill_after_checkpoint
 from edgefm import finetune as finetune_module
 from edgefm.config import BackboneConfig, DetectorConfig, FinetuneConfig, load_profile
 from edgefm.data import ensure_dataset
@@ -42,17 +43,8 @@ def test_label_subsets_are_nested():
 def test_resume_after_interruption_matches_an_uninterrupted_run(fashion_dir, tmp_path, monkeypatch):
     dataset = ensure_dataset("smoke")
     straight = finetune(CFG, BACKBONE, dataset, tmp_path / "straight", progress=False)
-    real_save = finetune_module.save_checkpoint
-
-    def save_then_die(path, model, optimizer, scheduler, state):
-        real_save(path, model, optimizer, scheduler, state)
-        if state.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(finetune_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(finetune_module, "save_checkpoint", real_save)
+    kill_after_checkpoint(monkeypatch, finetune_module, 3,
+                          lambda: finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False))
     resumed = finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False)
     assert resumed.losses == straight.losses
     assert [e["step"] for e in resumed.evals] == [3, 6] and resumed.evals == straight.evals

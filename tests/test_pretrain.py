@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import kill_after_checkpoint
 from edgefm import pretrain as pretrain_module
 from edgefm.artifacts import read_metrics
 from edgefm.config import BackboneConfig, PretrainConfig
@@ -45,18 +46,9 @@ def test_batches_are_a_pure_function_of_the_step():
 def test_resume_continues_exactly_where_it_stopped(pool, tmp_path, monkeypatch):
     straight = pretrain(CFG, pool, tmp_path / "straight", progress=False)
 
-    real_save = pretrain_module.save_checkpoint
-
-    def save_then_die(path, model, optimizer, scheduler, state):
-        real_save(path, model, optimizer, scheduler, state)
-        if state.step == 3:
-            raise KeyboardInterrupt  # killed right after the step-3 checkpoint
-
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(CFG, pool, tmp_path / "resumed", progress=False)
+    kill_after_checkpoint(monkeypatch, pretrain_module, 3,
+                          lambda: pretrain(CFG, pool, tmp_path / "resumed", progress=False))
     assert not (tmp_path / "resumed" / "mae").exists()
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", real_save)
     resumed = pretrain(CFG, pool, tmp_path / "resumed", progress=False)
     assert resumed.step == straight.step == 6
     assert resumed.losses == straight.losses

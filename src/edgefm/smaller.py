@@ -13,8 +13,9 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 4. **B**: the most accurate trial within the latency budget, trained again with the final compute
    twice, distilled and on the labels alone (more steps for the same time); the better on val is B.
 
-Every trained model is kept (safetensors) in the stage's folder, so a killed build continues where
-it stopped; one :func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
+Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
+made it, so a killed build continues where it stopped and another study reuses it; one
+:func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
 ``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
 """
 
