@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgefm.config import PROFILES, UnknownProfileError, load_profile
+from edgefm.config import PROFILES, load_profile
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -88,35 +88,50 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
-    import numpy as np
-    from matplotlib import pyplot as plt
-    from torchvision.transforms.v2 import functional as F
-
-    from edgefm.data.coco import read_image
-    from edgefm.data.transforms import Letterbox
+def _profile_model(args: argparse.Namespace):
+    """The profile's trained detector (PyTorch, or the ``--onnx`` file made from it) and its spec."""
     from edgefm.export import onnx_runner, open_session
     from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
-    from edgefm.models.centernet import decode
-    from edgefm.viz import draw_boxes
+    from edgefm.runtime import BundleSpec
 
-    profile = load_profile(args.profile)
-    trained = ensure_finetuned(profile, args.init, args.fraction)
-    run = onnx_runner(open_session(args.onnx)) if args.onnx else torch_runner(load_detector(trained))
-    names, size = trained.class_names, trained.config.detector.image_size
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        image = F.pil_to_tensor(read_image(path))
-        boxed, info = Letterbox(size)(image, {})
-        outputs = run(np.ascontiguousarray(F.to_dtype(boxed, scale=True)[None].numpy()))
-        stride = size / outputs[0].shape[-1]  # the heatmap's cells, whichever runtime made it
-        found = decode(*outputs, stride=stride, score_threshold=args.threshold)[0]
-        fig, ax = plt.subplots(figsize=(5, 5))
-        draw_boxes(ax, image, found["boxes"] / info["scale"], found["labels"], names, found["scores"])
-        out = args.out / f"{path.stem}.png"
-        fig.savefig(out, bbox_inches="tight", dpi=150)
-        plt.close(fig)
-        print(f"{path}: {len(found['boxes'])} detections -> {out}")
+    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
+    model, cfg = load_detector(trained), trained.config.detector
+    run = onnx_runner(open_session(args.onnx, threads=args.threads)) if args.onnx else torch_runner(model)
+    spec = BundleSpec(model=str(args.onnx or trained.path), class_names=trained.class_names,
+                      image_size=cfg.image_size, stride=model.stride, max_detections=cfg.max_detections)
+    return run, spec
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from edgefm.images import draw_detections, read_image
+    from edgefm.runtime import EdgeDetector, detect
+
+    if args.model is not None:  # the deployed path: ONNX Runtime, NumPy and Pillow, no PyTorch
+        detector = EdgeDetector(args.model, threads=args.threads, use_ort_format=args.ort)
+        run, spec = detector.run, detector.spec
+    else:
+        run, spec = _profile_model(args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        images = [read_image(path) for path in paths]
+        for path, image, found in zip(paths, images, detect(run, images, spec, args.threshold), strict=True):
+            records.append({"image": str(path), "detections": [
+                {"name": name, "label": int(label), "score": round(float(score), 4),
+                 "box": [round(float(v), 2) for v in box]}
+                for name, label, score, box in zip(found["names"], found["labels"], found["scores"],
+                                                   found["boxes"], strict=True)]})
+            line = f"{path}: {len(found['boxes'])} detections"
+            if args.out is not None:
+                drawn = args.out / f"{path.stem}.png"
+                draw_detections(image, found, spec.class_names).save(drawn)
+                line += f" -> {drawn}"
+            print(line)
+    if args.json is not None:
+        args.json.write_text(json.dumps(records), encoding="utf-8")
+        print(f"detections: {args.json}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -193,6 +208,32 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
     print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
 
 
+# Errors that mean bad input (a file, a name): printed in one line, exit status 2. Each is looked up
+# only in a module already loaded (one never imported cannot have raised), so the deployed path
+# (`predict --model`) never imports PyTorch to report a bad image.
+USER_ERRORS = {"edgefm.errors": "InputError", "edgefm.config": "UnknownProfileError",
+               "edgefm.data.coco": "DatasetError", "edgefm.data.fashion_mnist": "FashionMNISTNotFound",
+               "edgefm.training": "CheckpointError", "edgefm.export": "OnnxModelError"}
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules)
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from edgefm.deploy import compress, copy_bundle
+
+    profile = load_profile(args.profile)
+    results = compress(profile)
+    _print_variants(results["variants"], profile.quantize.bench.threads)
+    for target in results["targets"]:
+        print(f"  {'met    ' if target['met'] else 'NOT met'} {target['target']} ({target['origin']}): "
+              f"{target['value']:.3g}")
+    bundle = copy_bundle(results, args.out) if args.out is not None else results["bundle_folder"]
+    print(f"C: {results['recipe']} of B; bundle: {bundle}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefm",
@@ -230,12 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     model_choice(evaluate)
     evaluate.set_defaults(run=_cmd_eval)
 
-    predict = commands.add_parser("predict", help="draw the detector's boxes on images")
+    predict = commands.add_parser("predict", help="detect objects in images: with a deployed bundle "
+                                  "(ONNX Runtime only, no PyTorch) or the profile's model A")
     predict.add_argument("images", type=Path, nargs="+", help="image files")
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawings")
-    predict.add_argument("--threshold", type=float, default=0.3, help="lowest score drawn")
-    predict.add_argument("--onnx", type=Path, default=None, help="run this ONNX model (e.g. an INT8 one) "
-                         "in ONNX Runtime instead of the PyTorch checkpoint")
+    predict.add_argument("--model", type=Path, default=None, help="a bundle folder written by "
+                         "`edgefm compress` (default: the profile's model A in PyTorch)")
+    predict.add_argument("--ort", action="store_true", help="run the bundle's .ort file (ONNX Runtime's "
+                         "mobile format) instead of its .onnx file")
+    predict.add_argument("--onnx", type=Path, default=None, help="without --model: run this ONNX file "
+                         "made from model A (e.g. an INT8 one) instead of the PyTorch checkpoint")
+    predict.add_argument("--out", type=Path, default=Path("predictions"),
+                         help="folder for the drawn images (default: predictions)")
+    predict.add_argument("--json", type=Path, default=None, help="also write every detection to this file")
+    predict.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per model run")
+    predict.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     model_choice(predict)
     predict.set_defaults(run=_cmd_predict)
 
@@ -269,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the profile's)")
     smaller.set_defaults(run=_cmd_smaller)
 
+    compress = commands.add_parser("compress", help="the whole pipeline: A -> B (smaller) -> C (B in INT8), "
+                                    "the deployable bundle, one benchmark of every variant (cached)")
+    compress.add_argument("--out", type=Path, default=None, help="also copy the bundle to this new folder")
+    compress.set_defaults(run=_cmd_compress)
+
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")
     validate.add_argument("images", type=Path, help="the folder its file_name entries are relative to")
@@ -288,15 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
-    from edgefm.data.coco import DatasetError
-    from edgefm.data.fashion_mnist import FashionMNISTNotFound
-    from edgefm.export import OnnxModelError
-    from edgefm.training import CheckpointError
-
     try:
         run(args)
-    except (UnknownProfileError, DatasetError, FashionMNISTNotFound, CheckpointError,
-            OnnxModelError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         print(f"edgefm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from edgefm.errors import InputError
+
 PROFILE_ENV = "EDGEFM_PROFILE"
 DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"  # "1": code may fetch data and weights (needs a network)
 PROFILES = ("smoke", "default", "full")
 
 
-class UnknownProfileError(ValueError):
+class UnknownProfileError(InputError, ValueError):
     """Raised for a profile name that is not one of :data:`PROFILES`."""
 
 
@@ -288,6 +290,8 @@ class Profile:
     spread_seeds: tuple[int, ...] = (1,)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     smaller: SmallerConfig = field(default_factory=SmallerConfig)
+    # eval scenes on which the deployed bundle's detections are compared with B's in PyTorch
+    agreement_images: int = 100
 
 
 def _smoke() -> Profile:
@@ -324,7 +328,7 @@ def _smoke() -> Profile:
         search_runs=5, bench=quick,
     )
     return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, curve_steps=6,
-                   quantize=quantize, smaller=smaller)
+                   quantize=quantize, smaller=smaller, agreement_images=8)
 
 
 def _default() -> Profile:

@@ -1,0 +1,361 @@
+"""Model C and the edge bundle: the whole A -> B -> C pipeline, measured in one run.
+
+:func:`compress` takes model A (:mod:`edgefm.finetune`), finds model B (:mod:`edgefm.smaller`)
+and makes C: B exported to ONNX and quantized to INT8 with the recipe that won the quantization
+study of A (:func:`choose_recipe`), then converted to ONNX Runtime's mobile ``.ort`` format
+(graph optimisations applied once, at conversion). C goes into a *bundle* folder with what a
+device needs to run it (:func:`write_bundle`, read by :mod:`edgefm.runtime`) and a model card with
+the measured figures. One :func:`~edgefm.bench.benchmark` run measures A, A in INT8, B, B in ONNX
+and C against each other; ``metrics/deployment.json`` keeps all of it and
+``metrics/summary.json`` the figures of C against A and the book's targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.bench import Variant, benchmark, latencies, module_variant
+from edgefm.config import DetectorConfig, Profile, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.data.coco import CocoDetection, CocoSplit
+from edgefm.data.transforms import detection_transforms
+from edgefm.evaluate import evaluate_split
+from edgefm.export import export_onnx, onnx_files, onnx_runner, op_counts, open_session
+from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+from edgefm.models.detector import Detector
+from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+from edgefm.quantization import ensure_quantization
+from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
+from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect
+from edgefm.smaller import ensure_smaller, load_b
+from edgefm.targets import TARGETS
+
+MODEL_FILE, ORT_FILE, CARD_FILE = "model.onnx", "model.ort", "model-card.md"
+QAT = "INT8 QAT"
+# the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
+NOT_TRANSFERABLE = ("INT8 static-mixed",)
+
+
+class OrtFormatVariant(Variant):
+    """A model in ONNX Runtime's ``.ort`` format: it runs like an ONNX file, but the ``onnx``
+    package cannot read it, so its size is the file's and its batch is asked of a session."""
+
+    def size_bytes(self) -> int:
+        return self.onnx.stat().st_size
+
+    def takes_batch(self, batch: int) -> bool:
+        fixed = open_session(self.onnx, threads=1).get_inputs()[0].shape[0]
+        return not isinstance(fixed, int) or fixed == batch
+
+
+def choose_recipe(study: dict) -> str:
+    """The INT8 variant of A to repeat on B: of those that meet every target the book sets A-INT8
+    (:data:`~edgefm.targets.TARGETS`), the fastest at 2 threads; if none meets them all, the
+    fastest of those within the mAP target."""
+    records = [r for r in study["variants"] if r["precision"] == "int8" and r["name"] not in NOT_TRANSFERABLE]
+    goals = [t for t in TARGETS if t.model == "A-INT8"]
+    for pool in ([r for r in records if all(t.met(r[t.metric]) for t in goals)],
+                 [r for r in records if all(t.met(r[t.metric]) for t in goals if t.metric == "map_drop")],
+                 records):
+        if pool:
+            return max(pool, key=lambda r: r["latency_speedup_2t"])["name"]
+    raise ValueError("the quantization study has no INT8 variant to choose from")
+
+
+def study_recipe(study: dict, name: str) -> QuantRecipe:
+    """The post-training :class:`QuantRecipe` behind the study's variant ``INT8 <recipe>``."""
+    recipe = next(r for r in study["recipes"] if f"INT8 {r['name']}" == name)
+    return QuantRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
+
+
+def to_ort_format(model: Path) -> Path:
+    """``model.ort`` beside ``model.onnx``: ONNX Runtime's flatbuffer format, which its minimal
+    (mobile) builds load, with the graph optimisations applied at conversion
+    (``onnxruntime.tools.convert_onnx_models_to_ort``, fixed optimisations, no x86-only layouts).
+    The tool also writes ``model.required_operators.config``: the operators a reduced build of
+    ONNX Runtime for the device must include."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    logger = logging.getLogger("ort_format_model.utils")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_onnx_models_to_ort(model, output_dir=model.parent,
+                                       optimization_styles=[OptimizationStyle.Fixed])
+    finally:
+        logger.setLevel(level)
+    return model.with_suffix(".ort")
+
+
+def write_bundle(folder: Path, model: Path, class_names: list[str], detector: DetectorConfig, stride: float,
+                 name: str = "") -> BundleSpec:
+    """Copy ``model`` (an ONNX detector with its data files) into ``folder`` with its ``.ort``
+    twin and ``bundle.json``: everything :class:`~edgefm.runtime.EdgeDetector` needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = onnx_files(model)
+    if len(files) > 1:
+        raise ValueError(f"{model}: keeps its weights in {files[1].name}; a bundle takes one-file models")
+    shutil.copyfile(model, folder / MODEL_FILE)
+    ort_model = to_ort_format(folder / MODEL_FILE)
+    spec = BundleSpec(model=MODEL_FILE, ort_model=ort_model.name, class_names=list(class_names),
+                      image_size=detector.image_size, stride=float(stride),
+                      max_detections=detector.max_detections, score_threshold=detector.score_threshold,
+                      name=name)
+    atomic_write_json(folder / BUNDLE_FILE, asdict(spec))
+    return spec
+
+
+def quantize_like_a(model: Detector, recipe: str, study: dict, work: Path, train: CocoSplit,
+                    profile: Profile, progress: bool) -> Path:
+    """``model`` in INT8 the way the study's ``recipe`` made A's variant: a QAT fine-tune with
+    A's settings, or a post-training recipe calibrated on the same number of train scenes."""
+    size = profile.finetune.detector.image_size
+    if recipe == QAT:
+        qat_model = prepare_qat(model)
+        scenes = CocoDetection(train, detection_transforms(size, train=True))
+        qat_finetune(qat_model, scenes, size, profile.quantize.qat, work, progress)
+        exported = export_onnx(freeze(qat_model), work / "c.onnx", size, dynamic_batch=False)
+        return fold_weight_quantizers(exported)
+    exported = export_onnx(model, work / "c-fp32.onnx", size)
+    calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
+    path = quantize(exported, preprocess(exported, work / "c-fp32-pre.onnx"), work / "c.onnx",
+                    study_recipe(study, recipe), calibration)
+    if len(onnx_files(path)) > 1:  # ORT writes large models with external data; a bundle wants one file
+        import onnx
+
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)
+    return path
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every XYXY box in ``a`` (N, 4) with every one in ``b`` (M, 4): (N, M)."""
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area = lambda boxes: (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def detection_agreement(reference: list[dict], candidate: list[dict], min_score: float = 0.3,
+                        iou: float = 0.5) -> dict:
+    """How far two models' detections of the same images agree, counting those scored >=
+    ``min_score``: ``recall`` is the fraction of the reference's found by the candidate (same
+    class, IoU >= ``iou``), ``precision`` the fraction of the candidate's that the reference has,
+    ``mean_iou`` the mean IoU of the matched pairs and ``max_score_gap`` the largest score change."""
+    matched, ref_total, cand_total, ious, gaps = 0, 0, 0, [], [0.0]
+    for ref, cand in zip(reference, candidate, strict=True):
+        r, c = ref["scores"] >= min_score, cand["scores"] >= min_score
+        ref_total, cand_total = ref_total + int(r.sum()), cand_total + int(c.sum())
+        if not r.any() or not c.any():
+            continue
+        overlap = box_iou(ref["boxes"][r], cand["boxes"][c])
+        overlap[ref["labels"][r][:, None] != cand["labels"][c][None, :]] = 0
+        best = overlap.argmax(axis=1)
+        hits = overlap[np.arange(len(best)), best] >= iou
+        matched += int(hits.sum())
+        ious += overlap[np.arange(len(best)), best][hits].tolist()
+        gaps += np.abs(ref["scores"][r][hits] - cand["scores"][c][best[hits]]).tolist()
+    return {"recall": matched / max(ref_total, 1), "precision": matched / max(cand_total, 1),
+            "mean_iou": float(np.mean(ious)) if ious else None, "max_score_gap": float(max(gaps)),
+            "reference_detections": ref_total, "candidate_detections": cand_total, "min_score": min_score,
+            "iou": iou}
+
+
+def agreement_with(reference: Detector, detector: EdgeDetector, split: CocoSplit, count: int) -> dict:
+    """How closely the bundle's detections (its own Pillow letterbox, ONNX Runtime, NumPy
+    decoder) follow ``reference``'s in PyTorch on the same ``count`` image files."""
+    records = json.loads(split.annotations.read_text(encoding="utf-8"))["images"][:count]
+    images = [Image.open(split.images / r["file_name"]).convert("RGB") for r in records]
+    ours = detect(torch_runner(reference), images, detector.spec)
+    return {"images": len(images), **detection_agreement(ours, detector.detect(images))}
+
+
+def targets_report(a: dict, c: dict) -> list[dict]:
+    """Every target on model C, with its measured value and whether it is met."""
+    values = {**c, "map_drop_relative": (a["map"] - c["map"]) / a["map"]}
+    return [{"target": t.describe(), "origin": t.origin, "metric": t.metric, "comparison": t.comparison,
+             "threshold": t.threshold, "value": values[t.metric], "met": t.met(values[t.metric])}
+            for t in TARGETS if t.model == "C"]
+
+
+def model_card(spec: BundleSpec, c: dict, a: dict, report: list[dict], context: dict) -> str:
+    """``model-card.md``: what the model is, how it was made and measured, and its figures."""
+    rows = "\n".join(
+        f"| {r['name']} | {r['map']:.3f} | {r['map50']:.3f} | {r['latency_ms_1t']:.2f} "
+        f"| {r['latency_ms_2t']:.2f} "
+        f"| {r['latency_speedup_2t']:.2f}x | {r['size_bytes'] / 1e6:.2f} MB | {r['size_reduction']:.1f}x |"
+        for r in (a, c))
+    goals = "\n".join(f"| {g['target']} ({g['origin']}) | {g['value']:.3g} | "
+                      f"{'met' if g['met'] else 'NOT met'} |" for g in report)
+    machine = context["machine"]
+    return f"""# Model card: {spec.name}
+
+An object detector for the {len(spec.class_names)} classes below, made by `edgefm compress`
+(profile `{context['profile']}`): model B, a student cut from the feasibility model A
+({context['b_description']}), quantized to INT8 ({context['recipe']}).
+Figures come from one benchmark run, against model A in PyTorch FP32.
+
+## Use
+
+```
+edgefm predict --model <this folder> image.jpg        # ONNX Runtime, no PyTorch
+python examples/predict.py <this folder> image.jpg     # onnxruntime, numpy and Pillow only
+```
+
+Input: RGB, letterboxed to {spec.image_size} x {spec.image_size} (longer side resized, padded right and
+bottom with grey {spec.pad_value}), float32 in [0, 1], NCHW; the model normalises inside its graph.
+Outputs: class heatmap logits and box distances (left, top, right, bottom, in input pixels) on a
+grid of stride {spec.stride:.4g} px; decode with a 3x3 peak filter, the best {spec.max_detections} peaks
+(`edgefm.decode.decode`). Files: `{spec.model}` (ONNX), `{spec.ort_model}` (ONNX Runtime's format
+for its mobile builds), `model.required_operators.config` (the operators a reduced build of ONNX
+Runtime must include), `bundle.json`.
+
+Classes: {", ".join(spec.class_names)}.
+
+## Measured
+
+On the {context['eval_images']} evaluation scenes (COCO mAP@[.5:.95] and mAP@.5), batch 1, median of
+{context['runs']} runs per thread count, on {machine['cpu']} with ONNX Runtime {machine['onnxruntime']}:
+
+| model | mAP | mAP@.5 | ms, 1 thread | ms, 2 threads | faster than A | file | smaller than A |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+| target | measured | |
+|---|---|---|
+{goals}
+
+## Limits
+
+{context['limits']}
+"""
+
+
+def _build(work: Path, profile: Profile, progress: bool) -> None:
+    trained = ensure_finetuned(profile, progress=progress)
+    model_a, cfg = load_detector(trained), trained.config.detector
+    study, smaller = ensure_quantization(profile, progress), ensure_smaller(profile, progress)
+    b = load_b(profile)
+    dataset = ensure_dataset(profile)
+    size = cfg.image_size
+    recipe = choose_recipe(study)
+    c_path = quantize_like_a(copy.deepcopy(b), recipe, study, work, dataset.train, profile, progress)
+    bundle = work / "bundle"
+    spec = write_bundle(bundle, c_path, trained.class_names, cfg, b.stride, name="C")
+
+    a = module_variant(model_a, size)
+    b_variant = module_variant(b, size, "B (PyTorch FP32)")
+    variants = [a, a.exported(f"A {recipe}", Path(study["folder"]) / study["files"][recipe], "int8"),
+                b_variant, b_variant.exported("B (ONNX FP32)", export_onnx(b, work / "b-fp32.onnx", size)),
+                b_variant.exported("C (ONNX INT8)", bundle / MODEL_FILE, "int8"),
+                OrtFormatVariant("C (.ort)", onnx=bundle / spec.ort_model, precision="int8",
+                                 flops=b_variant.flops, params=b_variant.params)]
+    strides = {v.name: (model_a if v.name.startswith("A") else b).stride for v in variants}
+    results = benchmark(variants, size, profile.quantize.bench, lambda v: evaluate_split(
+        v.runner(2), dataset.eval, cfg, strides[v.name]))
+    records = {r["name"]: r for r in results["variants"]}
+    a_record, c_record = records[a.name], records["C (ONNX INT8)"]
+    report = targets_report(a_record, c_record)
+    # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
+    alone = [a, Variant("C, threads stopped after each run", onnx=bundle / MODEL_FILE, precision="int8"),
+             DeployedVariant("C, threads spinning (ONNX Runtime's default)", onnx=bundle / MODEL_FILE,
+                             precision="int8")]
+    bench = profile.quantize.bench
+    results["alone"] = {f"{t}t": {v.name: dict(zip(("median_ms", "p90_ms"),
+                                                   latencies([v], size, t, bench)[v.name], strict=True))
+                                  for v in alone} for t in bench.threads}
+    results.update(recipe=recipe, b_config=smaller["b_config"], b_training=smaller["b_training"],
+                   bundle=asdict(spec), targets=report,
+                   agreement=agreement_with(b, EdgeDetector(bundle), dataset.eval, profile.agreement_images),
+                   bundle_files={f.name: f.stat().st_size for f in sorted(bundle.iterdir())},
+                   c_operators=op_counts(bundle / MODEL_FILE))
+    context = {"profile": profile.name, "recipe": recipe, "machine": results["machine"],
+               "runs": profile.quantize.bench.runs, "eval_images": len(CocoDetection(dataset.eval)),
+               "b_description": b_description(smaller["b_config"], profile.pretrain.backbone.num_layers),
+               "limits": limits(profile.data.source, results["machine"])}
+    with atomic_path(bundle / CARD_FILE) as tmp:
+        tmp.write_text(model_card(spec, c_record, a_record, report, context), encoding="utf-8")
+    results["bundle_files"][CARD_FILE] = (bundle / CARD_FILE).stat().st_size
+    atomic_write_json(work / "results.json", results)
+
+
+def b_description(config: dict, a_depth: int) -> str:
+    """B's shape in words, from its :class:`~edgefm.config.StudentConfig` record."""
+    size = config["image_size"] and f", its input resized to {config['image_size']} px inside the graph"
+    heads = "all of their heads" if not config["heads"] else f"{1 - config['heads']:.0%} of their heads"
+    return (f"{config['depth']} of A's {a_depth} ViT blocks, {1 - config['width']:.0%} of the channels, "
+            f"{heads}{size}")
+
+
+DATASETS = {"fashion-scenes": "synthetic scenes of Fashion-MNIST items on textured backgrounds: it has "
+                              "never seen a real photograph",
+            "pennfudan": "the 170 Penn-Fudan street photographs: far too few for a general pedestrian "
+                         "detector"}
+
+
+def limits(source: str, machine: dict) -> str:
+    """The model card's limits: what the model was trained on and what the timings depend on."""
+    vnni = any(machine["isa"].get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return (f"Trained on {DATASETS.get(source, source)}. Latency is this machine's ({machine['cpu']}, "
+            f"{machine['cores']} cores, {'with' if vnni else 'without'} VNNI); other CPUs give other "
+            "numbers, and INT8 gains most where the CPU has 8-bit dot-product instructions.")
+
+
+class DeployedVariant(Variant):
+    """An ONNX model timed as a device runs it on its own: ONNX Runtime's default thread spinning
+    (the benchmark stops it after each run, so that interleaved models do not steal each other's
+    cores)."""
+
+    def runner(self, threads: int):
+        return onnx_runner(open_session(self.onnx, threads=threads))
+
+
+def summary(results: dict) -> dict:
+    """``summary.json``: A and C, their ratios and the targets, all from one benchmark run."""
+    records = {r["name"]: r for r in results["variants"]}
+    a, c = records["A (PyTorch FP32)"], records["C (ONNX INT8)"]
+    return {"A": a, "C": c, "latency_speedup_2t": c["latency_speedup_2t"],
+            "latency_speedup_1t": c["latency_speedup_1t"], "size_reduction": c["size_reduction"],
+            "map_drop": (a["map"] - c["map"]) * 100, "map_drop_unit": "mAP points (0.01 of mAP@[.5:.95])",
+            "targets": results["targets"], "all_targets_met": all(t["met"] for t in results["targets"]),
+            "machine": results["machine"]}
+
+
+def compress(profile: Profile | str | None = None, progress: bool = True) -> dict:
+    """The pipeline A -> B -> C (each stage cached); returns the results with ``bundle_folder``.
+
+    Writes ``metrics/deployment.json`` (every variant, the bundle, the targets) and
+    ``metrics/summary.json``.
+    """
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    trained = ensure_finetuned(profile, progress=progress)
+    key = {"quantize": profile.quantize, "smaller": profile.smaller, "model_a": trained.path.name,
+           "data": profile.data, "agreement_images": profile.agreement_images}
+    target = stage_dir(profile.name, "deployment", key, "edgefm.deploy", "edgefm.runtime")
+    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results.update(folder=str(target), bundle_folder=str(target / "bundle"))
+    write_metrics(profile.name, "deployment", results)
+    write_metrics(profile.name, "summary", summary(results))
+    return results
+
+
+def copy_bundle(results: dict, destination: Path) -> Path:
+    """Copy the built bundle to ``destination`` (a new or empty folder)."""
+    if destination.exists() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination}: not empty; give a new folder for the bundle")
+    shutil.copytree(results["bundle_folder"], destination, dirs_exist_ok=True)
+    return destination
+

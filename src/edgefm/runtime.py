@@ -1,0 +1,149 @@
+"""Running a detector on a device: ONNX Runtime, NumPy and Pillow, no PyTorch.
+
+A *bundle* is a folder that holds everything a device needs (written by :mod:`edgefm.deploy`):
+the model (``.onnx``, and the same graph in ONNX Runtime's mobile ``.ort`` format) and
+``bundle.json``, which says how to feed it (input size, letterbox padding; the normalisation is
+inside the graph) and how to read it (class names, the decoder's stride and limits).
+:class:`EdgeDetector` opens one and turns images into boxes; ``edgefm predict --model`` and
+``examples/predict.py`` use it or its recipe. This module, :mod:`edgefm.images` and
+:mod:`edgefm.decode` import no PyTorch: the deployed path is the path the book measures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from edgefm.decode import decode
+from edgefm.errors import BundleError
+from edgefm.images import PAD_VALUE, letterbox, read_image
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "edgefm-bundle/1"
+# A model as evaluation sees it: float32 images (B, 3, S, S) in [0, 1] -> the head's raw arrays.
+RunModel = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """What ``bundle.json`` holds: the files, the input and the decoder of a deployed detector.
+
+    The model takes ``(B, 3, image_size, image_size)`` float32 RGB in [0, 1], letterboxed (longer
+    side resized, padded right and bottom with ``pad_value``); it normalises inside the graph
+    (``mean``/``std`` are recorded for reference). It returns class heatmap logits and box
+    distances on a grid of ``stride`` input pixels per cell (fractional for a model that resizes
+    its input inside the graph).
+    """
+
+    model: str
+    class_names: list[str]
+    image_size: int
+    stride: float
+    ort_model: str | None = None
+    pad_value: int = PAD_VALUE
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    max_detections: int = 100
+    score_threshold: float = 0.01
+    name: str = ""
+    format: str = BUNDLE_FORMAT
+
+
+def read_bundle(folder: Path | str) -> BundleSpec:
+    """The :class:`BundleSpec` of a bundle folder, checked: its files exist and it is our format."""
+    folder = Path(folder)
+    path = folder / BUNDLE_FILE
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder")
+    if not path.is_file():
+        raise BundleError(f"{path}: not found ({folder} is not a bundle written by `edgefm compress`)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != BUNDLE_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise BundleError(f"{path}: format is {found!r}, expected {BUNDLE_FORMAT!r}")
+    known = {f.name for f in fields(BundleSpec)}
+    missing = sorted({"model", "class_names", "image_size", "stride"} - set(record))
+    if missing:
+        raise BundleError(f"{path}: missing {', '.join(missing)}")
+    spec = BundleSpec(**{k: v for k, v in record.items() if k in known})
+    for name in (spec.model, spec.ort_model):
+        if name is not None and not (folder / name).is_file():
+            raise BundleError(f"{path}: names {name}, which is not in {folder}")
+    return spec
+
+
+class EdgeDetector:
+    """A bundle opened in ONNX Runtime: images in, boxes in the images' own pixels out.
+
+    ``use_ort_format`` runs the ``.ort`` file (what a mobile build of ONNX Runtime loads) instead
+    of the ``.onnx`` one; both hold the same graph.
+    """
+
+    def __init__(self, folder: Path | str, threads: int = 2, use_ort_format: bool = False):
+        self.folder = Path(folder)
+        self.spec = read_bundle(self.folder)
+        if use_ort_format and self.spec.ort_model is None:
+            raise BundleError(f"{self.folder / BUNDLE_FILE}: the bundle has no .ort model")
+        self.path = self.folder / (self.spec.ort_model if use_ort_format else self.spec.model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises its own Fail/InvalidProtobuf types
+            raise BundleError(f"{self.path}: ONNX Runtime cannot load it ({error})") from error
+        self._check(self.session)
+
+    def _check(self, session: ort.InferenceSession) -> None:
+        """Fail now, naming the file, if the model does not fit what bundle.json says."""
+        size, classes = self.spec.image_size, len(self.spec.class_names)
+        shape, channels = list(session.get_inputs()[0].shape[1:]), session.get_outputs()[0].shape[1]
+        if shape != [3, size, size]:
+            raise BundleError(f"{self.path}: the model takes {shape} images, but "
+                              f"{self.folder / BUNDLE_FILE} says {size} px")
+        if isinstance(channels, int) and channels != classes:
+            raise BundleError(f"{self.path}: the model predicts {channels} classes, but "
+                              f"{self.folder / BUNDLE_FILE} names {classes}")
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Raw outputs for letterboxed images ``(B, 3, S, S)``; a model whose batch is fixed (the
+        INT8 one from quantization-aware training takes one image) runs them in slices."""
+        name, batch = self.session.get_inputs()[0].name, self.session.get_inputs()[0].shape[0]
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        step = batch if isinstance(batch, int) else len(images)
+        parts = [self.session.run(None, {name: images[i:i + step]}) for i in range(0, len(images), step)]
+        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
+
+    def detect(self, images: Sequence[Image.Image], score_threshold: float | None = None) -> list[dict]:
+        """:func:`detect` with this bundle's model."""
+        return detect(self.run, images, self.spec, score_threshold)
+
+    def detect_files(self, paths: Sequence[Path | str], score_threshold: float | None = None) -> list[dict]:
+        """:meth:`detect` on image files (a missing or unreadable one fails with its path)."""
+        return self.detect([read_image(path) for path in paths], score_threshold)
+
+
+def detect(run: RunModel, images: Sequence[Image.Image], spec: BundleSpec,
+           score_threshold: float | None = None) -> list[dict]:
+    """Detections per image, from any runtime's ``run``: ``boxes`` (XYXY, in the image's own
+    pixels), ``scores``, ``labels`` (class indices) and ``names``, best first."""
+    boxed = [letterbox(image, spec.image_size, spec.pad_value) for image in images]
+    outputs = run(np.stack([array for array, _ in boxed]))
+    threshold = spec.score_threshold if score_threshold is None else score_threshold
+    found = decode(*outputs, stride=spec.stride, max_detections=spec.max_detections,
+                   score_threshold=threshold)
+    for detections, image, (_, scale) in zip(found, images, boxed, strict=True):
+        boxes = detections["boxes"] / scale
+        np.clip(boxes, 0, [image.width, image.height] * 2, out=boxes)
+        detections["boxes"] = boxes
+        detections["names"] = [spec.class_names[i] for i in detections["labels"]]
+    return found

@@ -1,0 +1,214 @@
+"""The deployed path: bundles, the torch-free runtime and decoder, the example script, `edgefm
+compress` and `edgefm predict --model`, and the whole A -> B -> C stage in the smoke profile."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from edgefm import deploy
+from edgefm.artifacts import read_metrics
+from edgefm.config import DetectorConfig
+from edgefm.data.transforms import Letterbox
+from edgefm.decode import decode
+from edgefm.deploy import choose_recipe, compress, detection_agreement, write_bundle
+from edgefm.errors import BundleError, ImageError
+from edgefm.export import export_onnx
+from edgefm.finetune import torch_runner
+from edgefm.images import letterbox, read_image
+from edgefm.models.centernet import decode as training_decode
+from edgefm.runtime import BUNDLE_FILE, EdgeDetector, detect
+from test_detector import tiny_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "bird"]
+
+
+def photos(count=3, seed=0):
+    """Images of different shapes (the letterbox pads each differently) with bright blobs."""
+    rng = np.random.default_rng(seed)
+    shapes = [(48, 80), (90, 60), (64, 64), (30, 100)]
+    return [Image.fromarray(rng.integers(0, 255, (*shapes[i % 4], 3), dtype=np.uint8)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny random detector exported in FP32, bundled: its outputs must equal PyTorch's."""
+    model = tiny_detector(num_classes=3, image_size=64).eval()
+    folder = tmp_path_factory.mktemp("bundle")
+    path = export_onnx(model, folder.parent / "tiny.onnx", 64)
+    import onnx
+
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)  # one-file model
+    write_bundle(folder / "bundle", path, CLASSES, DetectorConfig(image_size=64), model.stride, name="tiny")
+    return model, folder / "bundle"
+
+
+def test_the_torch_free_decoder_is_the_training_decoder():
+    rng = np.random.default_rng(0)
+    heat, distances = rng.normal(size=(2, 3, 16, 16)).astype(np.float32), rng.random((2, 4, 16, 16)) * 9
+    pairs = zip(decode(heat, distances, 4.57), training_decode(heat, distances, 4.57), strict=True)
+    for ours, theirs in pairs:
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(ours[key], theirs[key])
+
+
+def test_pillow_letterbox_matches_the_training_letterbox():
+    for image in photos(4):
+        ours, scale = letterbox(image, 64)
+        theirs, info = Letterbox(64)(F.pil_to_tensor(image), {})
+        assert scale == pytest.approx(info["scale"])
+        difference = np.abs(ours - F.to_dtype(theirs, scale=True).numpy())
+        assert difference.mean() < 0.01 and difference.max() < 0.1  # resampling kernels differ slightly
+
+
+def test_bundle_detections_match_pytorch(bundle):
+    model, folder = bundle
+    images = photos(3)
+    expected = detect(torch_runner(model), images, EdgeDetector(folder).spec, score_threshold=0.0)
+    for use_ort_format in (False, True):
+        found = EdgeDetector(folder, use_ort_format=use_ort_format).detect(images, score_threshold=0.0)
+        for ours, theirs, image in zip(found, expected, images, strict=True):
+            np.testing.assert_allclose(ours["scores"], theirs["scores"], atol=1e-4)
+            np.testing.assert_allclose(ours["boxes"], theirs["boxes"], atol=1e-2)
+            assert ours["names"] == [CLASSES[i] for i in ours["labels"]]
+            assert (ours["boxes"][:, 2:] <= [image.width, image.height]).all()  # the image's own pixels
+
+
+def test_the_example_script_gives_the_library_detections(bundle):
+    _, folder = bundle
+    spec = importlib.util.spec_from_file_location("example", ROOT / "examples" / "predict.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    detector = EdgeDetector(folder)
+    record = json.loads((folder / BUNDLE_FILE).read_text())
+    for image in photos(2, seed=1):
+        ours = example.detect(detector.session, record, image, threshold=0.0)
+        (theirs,) = detector.detect([image], score_threshold=0.0)
+        assert [name for name, _, _ in ours] == theirs["names"]
+        np.testing.assert_allclose([s for _, s, _ in ours], theirs["scores"], atol=1e-6)
+        np.testing.assert_allclose([b for _, _, b in ours], theirs["boxes"], atol=1e-3)
+
+
+def test_detection_agreement_counts_matches_by_class_and_overlap():
+    one = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), "scores": np.array([0.9, 0.8]),
+           "labels": np.array([0, 1])}
+    relabelled = {**one, "labels": np.array([0, 2])}
+    agreement = detection_agreement([one], [relabelled])
+    assert agreement["recall"] == 0.5 and agreement["precision"] == 0.5  # the second changed class
+    far = {**one, "boxes": one["boxes"] + 15}
+    assert detection_agreement([one], [far])["recall"] == 0.0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / BUNDLE_FILE).unlink(), "bundle.json: not found"),
+    (lambda f: (f / BUNDLE_FILE).write_text("{oops"), "bundle.json: not valid JSON"),
+    (lambda f: (f / BUNDLE_FILE).write_text('{"format": "other"}'), "format is 'other'"),
+    (lambda f: (f / "model.onnx").unlink(), "names model.onnx, which is not in"),
+    (lambda f: (f / "model.onnx").write_bytes(b"not a model"), "model.onnx: ONNX Runtime cannot load it"),
+    (lambda f: _edit(f, class_names=["cat"]), "predicts 3 classes, but .*bundle.json names 1"),
+    (lambda f: _edit(f, image_size=32), r"takes \[3, 64, 64\] images, but .*says 32 px"),
+])
+def test_a_damaged_bundle_fails_naming_the_file(bundle, tmp_path, damage, message):
+    import shutil
+
+    folder = shutil.copytree(bundle[1], tmp_path / "copy")
+    damage(folder)
+    with pytest.raises(BundleError, match=message):
+        EdgeDetector(folder)
+    with pytest.raises(BundleError, match="no such bundle folder"):
+        EdgeDetector(tmp_path / "nowhere")
+
+
+def _edit(folder, **changes):
+    record = json.loads((folder / BUNDLE_FILE).read_text())
+    (folder / BUNDLE_FILE).write_text(json.dumps({**record, **changes}))
+
+
+def test_an_unreadable_image_fails_with_its_path(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ImageError, match="broken.jpg: cannot read image"):
+        read_image(tmp_path / "broken.jpg")
+    with pytest.raises(ImageError, match="missing.jpg: image file not found"):
+        read_image(tmp_path / "missing.jpg")
+
+
+def _predict(*args):
+    """`edgefm predict` in a fresh interpreter that reports whether PyTorch was imported."""
+    code = ("import sys; from edgefm.cli import main; code = main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, "predict", *map(str, args)], capture_output=True,
+                          text=True, check=False)
+
+
+def test_predict_with_a_bundle_never_imports_torch(bundle, tmp_path):
+    _, folder = bundle
+    files = []
+    for i, image in enumerate(photos(3)):
+        image.save(tmp_path / f"photo{i}.png")
+        files.append(tmp_path / f"photo{i}.png")
+    done = _predict("--model", folder, *files, "--batch-size", "2", "--threshold", "0",
+                    "--out", tmp_path / "drawn", "--json", tmp_path / "found.json")
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    records = json.loads((tmp_path / "found.json").read_text())
+    assert [r["image"] for r in records] == [str(f) for f in files]
+    expected = EdgeDetector(folder).detect([Image.open(f) for f in files], score_threshold=0.0)
+    assert [len(r["detections"]) for r in records] == [len(e["scores"]) for e in expected]
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f.name for f in files]
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    failed = _predict("--model", folder, tmp_path / "bad.jpg")
+    assert failed.returncode == 2 and "bad.jpg: cannot read image" in failed.stderr
+    assert "Traceback" not in failed.stderr and "torch imported: False" in failed.stdout
+
+
+def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets():
+    def record(name, speed, size, drop):
+        return {"name": name, "precision": "int8", "latency_speedup_2t": speed, "size_reduction": size,
+                "map_drop": drop}
+
+    study = {"variants": [{"name": "A (PyTorch FP32)", "precision": "fp32"},
+                          record("INT8 dynamic", 2.3, 2.6, 0.0),        # too big a file
+                          record("INT8 QAT", 2.2, 3.5, 0.002),
+                          record("INT8 static-minmax", 1.9, 3.6, 0.005),
+                          record("INT8 static-mixed", 2.5, 3.6, 0.0)]}  # A's own layer list: not for B
+    assert choose_recipe(study) == "INT8 QAT"
+    study["variants"][2]["map_drop"] = 0.03  # QAT now too inaccurate
+    assert choose_recipe(study) == "INT8 static-minmax"
+    for variant in study["variants"][1:]:
+        variant["size_reduction"] = 1.0  # nothing meets every target: the fastest accurate one
+    assert choose_recipe(study) == "INT8 dynamic"
+
+
+def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_path):
+    results = compress("smoke", progress=False)
+    names = [r["name"] for r in results["variants"]]
+    assert names == ["A (PyTorch FP32)", f"A {results['recipe']}", "B (PyTorch FP32)", "B (ONNX FP32)",
+                     "C (ONNX INT8)", "C (.ort)"]
+    for record in results["variants"]:
+        assert record["map"] is not None and record["latency_ms_1t"] > 0 and record["latency_ms_2t"] > 0
+    folder = Path(results["bundle_folder"])
+    assert {"bundle.json", "model.onnx", "model.ort", "model-card.md"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "model-card.md").read_text()
+    c = next(r for r in results["variants"] if r["name"] == "C (ONNX INT8)")
+    assert f"{c['latency_ms_2t']:.2f}" in card  # the measured figures, not typed ones
+    summary = read_metrics("smoke", "summary")
+    assert summary["C"] == c and summary["latency_speedup_2t"] == c["latency_speedup_2t"]
+    assert summary["map_drop"] == pytest.approx((summary["A"]["map"] - c["map"]) * 100)
+    assert {t["origin"] for t in summary["targets"]} >= {"ours", "seed: size -30 %"}
+    assert all(t["met"] == (t["value"] >= t["threshold"] if t["comparison"] == ">=" else
+                            t["value"] <= t["threshold"]) for t in summary["targets"])
+    assert results["agreement"]["images"] == 8
+    # the bundle runs without the library's training side and matches C's ONNX run in the benchmark
+    heat, _ = EdgeDetector(folder).run(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+    assert heat.shape[:2] == (2, 10)
+    copied = deploy.copy_bundle(results, tmp_path / "shipped")
+    assert (copied / "model.ort").is_file()
+    with pytest.raises(FileExistsError, match="not empty"):
+        deploy.copy_bundle(results, copied)
