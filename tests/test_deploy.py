@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
@@ -212,3 +213,25 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert (copied / "model.ort").is_file()
     with pytest.raises(FileExistsError, match="not empty"):
         deploy.copy_bundle(results, copied)
+
+
+def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_dir, tmp_path):
+    from dataclasses import asdict
+
+    from edgefm.config import load_profile
+    from edgefm.data import ensure_dataset
+    from edgefm.export import op_counts
+    from edgefm.quantization import RECIPES
+
+    profile = load_profile("smoke")
+    study = {"recipes": [asdict(r) for r in RECIPES]}
+    model = tiny_detector(num_classes=10, image_size=64).eval()
+    path = deploy.quantize_like_a(model, "INT8 static-minmax", study, tmp_path, ensure_dataset(profile).train,
+                                  profile, progress=False)
+    ops = op_counts(path)
+    assert ops["QuantizeLinear"] > 0 and "LayerNormalization" in ops  # LayerNorm stays FP32
+    spec = write_bundle(tmp_path / "bundle", path, [str(i) for i in range(10)], DetectorConfig(image_size=64),
+                        model.stride)
+    heat, _ = EdgeDetector(tmp_path / "bundle").run(np.zeros((1, 3, 64, 64), np.float32))
+    expected, _ = model(torch.zeros(1, 3, 64, 64))
+    assert spec.ort_model == "model.ort" and np.abs(heat - expected.detach().numpy()).max() < 0.5

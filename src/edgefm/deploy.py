@@ -41,7 +41,7 @@ from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect
 from edgefm.smaller import ensure_smaller, load_b
 from edgefm.targets import TARGETS
 
-MODEL_FILE, ORT_FILE, CARD_FILE = "model.onnx", "model.ort", "model-card.md"
+MODEL_FILE, CARD_FILE = "model.onnx", "model-card.md"
 QAT = "INT8 QAT"
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
 NOT_TRANSFERABLE = ("INT8 static-mixed",)
@@ -130,13 +130,8 @@ def quantize_like_a(model: Detector, recipe: str, study: dict, work: Path, train
         return fold_weight_quantizers(exported)
     exported = export_onnx(model, work / "c-fp32.onnx", size)
     calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
-    path = quantize(exported, preprocess(exported, work / "c-fp32-pre.onnx"), work / "c.onnx",
+    return quantize(exported, preprocess(exported, work / "c-fp32-pre.onnx"), work / "c.onnx",
                     study_recipe(study, recipe), calibration)
-    if len(onnx_files(path)) > 1:  # ORT writes large models with external data; a bundle wants one file
-        import onnx
-
-        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)
-    return path
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -151,25 +146,29 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def detection_agreement(reference: list[dict], candidate: list[dict], min_score: float = 0.3,
                         iou: float = 0.5) -> dict:
     """How far two models' detections of the same images agree, counting those scored >=
-    ``min_score``: ``recall`` is the fraction of the reference's found by the candidate (same
-    class, IoU >= ``iou``), ``precision`` the fraction of the candidate's that the reference has,
-    ``mean_iou`` the mean IoU of the matched pairs and ``max_score_gap`` the largest score change."""
-    matched, ref_total, cand_total, ious, gaps = 0, 0, 0, [], [0.0]
+    ``min_score``. A detection is *matched* if the other model has one of the same class with
+    IoU >= ``iou``: ``recall`` is the fraction of the reference's that are matched, ``precision``
+    the fraction of the candidate's; ``mean_iou`` is the mean best IoU of the matched reference
+    detections and ``max_score_gap`` the largest score change between them and their match."""
+    counts = {"reference": [0, 0], "candidate": [0, 0]}  # [matched, total]
+    ious, gaps = [], [0.0]
     for ref, cand in zip(reference, candidate, strict=True):
         r, c = ref["scores"] >= min_score, cand["scores"] >= min_score
-        ref_total, cand_total = ref_total + int(r.sum()), cand_total + int(c.sum())
-        if not r.any() or not c.any():
-            continue
         overlap = box_iou(ref["boxes"][r], cand["boxes"][c])
         overlap[ref["labels"][r][:, None] != cand["labels"][c][None, :]] = 0
-        best = overlap.argmax(axis=1)
-        hits = overlap[np.arange(len(best)), best] >= iou
-        matched += int(hits.sum())
-        ious += overlap[np.arange(len(best)), best][hits].tolist()
-        gaps += np.abs(ref["scores"][r][hits] - cand["scores"][c][best[hits]]).tolist()
-    return {"recall": matched / max(ref_total, 1), "precision": matched / max(cand_total, 1),
+        for side, axis in (("reference", 1), ("candidate", 0)):
+            counts[side][1] += overlap.shape[1 - axis]
+            if overlap.size:
+                counts[side][0] += int((overlap.max(axis=axis) >= iou).sum())
+        if overlap.size:
+            best = overlap.argmax(axis=1)
+            hits = overlap.max(axis=1) >= iou
+            ious += overlap.max(axis=1)[hits].tolist()
+            gaps += np.abs(ref["scores"][r][hits] - cand["scores"][c][best[hits]]).tolist()
+    (matched_ref, total_ref), (matched_cand, total_cand) = counts["reference"], counts["candidate"]
+    return {"recall": matched_ref / max(total_ref, 1), "precision": matched_cand / max(total_cand, 1),
             "mean_iou": float(np.mean(ious)) if ious else None, "max_score_gap": float(max(gaps)),
-            "reference_detections": ref_total, "candidate_detections": cand_total, "min_score": min_score,
+            "reference_detections": total_ref, "candidate_detections": total_cand, "min_score": min_score,
             "iou": iou}
 
 
