@@ -13,9 +13,10 @@ from edgefm.config import BackboneConfig, DetectorConfig, DistillWeights, Studen
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
-from edgefm.export import export_onnx, onnx_runner, open_session
+from edgefm.export import export_onnx
 from edgefm.models.detector import Detector
 from edgefm.models.vit import ViTBackbone, build_vit
+from edgefm.runtime import onnx_runner, open_session
 from test_detector import tiny_detector
 
 

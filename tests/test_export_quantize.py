@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from edgefm.data.coco import CocoSplit
-from edgefm.export import (
-    OnnxModelError,
-    export_onnx,
-    fuse_transformer,
-    node_scopes,
-    onnx_files,
-    onnx_runner,
-    onnx_size,
-    open_session,
-)
-from edgefm.models.centernet import decode
+from edgefm.decode import decode
+from edgefm.export import export_onnx, fuse_transformer, node_scopes, onnx_files, onnx_size
 from edgefm.quantization import layer_groups
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize, selected_nodes
+from edgefm.runtime import OnnxModelError, onnx_runner, open_session
 from test_detector import tiny_detector
 
 

@@ -26,7 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.config import BenchConfig
-from edgefm.export import LEVELS, fixed_batch, onnx_runner, onnx_size, open_session
+from edgefm.export import fixed_batch, onnx_size
+from edgefm.runtime import LEVELS, onnx_runner, open_session
 
 LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")

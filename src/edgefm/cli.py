@@ -90,9 +90,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _profile_model(args: argparse.Namespace):
     """The profile's trained detector (PyTorch, or the ``--onnx`` file made from it) and its spec."""
-    from edgefm.export import onnx_runner, open_session
     from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
-    from edgefm.runtime import BundleSpec
+    from edgefm.runtime import BundleSpec, onnx_runner, open_session
 
     trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
     model, cfg = load_detector(trained), trained.config.detector
@@ -206,19 +205,6 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
     results = ensure_smaller(profile)
     _print_variants(results["variants"], profile.smaller.bench.threads)
     print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
-
-
-# Errors that mean bad input (a file, a name): printed in one line, exit status 2. Each is looked up
-# only in a module already loaded (one never imported cannot have raised), so the deployed path
-# (`predict --model`) never imports PyTorch to report a bad image.
-USER_ERRORS = {"edgefm.errors": "InputError", "edgefm.config": "UnknownProfileError",
-               "edgefm.data.coco": "DatasetError", "edgefm.data.fashion_mnist": "FashionMNISTNotFound",
-               "edgefm.training": "CheckpointError", "edgefm.export": "OnnxModelError"}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
-                 if module in sys.modules)
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -343,11 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    from edgefm.errors import InputError
+
     try:
         run(args)
-    except Exception as error:
-        if not isinstance(error, _user_errors()):
-            raise
+    except InputError as error:
         print(f"edgefm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -3,8 +3,8 @@ and a device without PyTorch.
 
 It keeps the local maxima of the class heatmaps (a 3x3 max filter stands in for NMS, as in
 CenterNet) and the best ``max_detections`` of them; each peak's box is the four distances the
-head predicts at that cell (TTFNet's regression). It is :func:`edgefm.models.centernet.decode`
-without PyTorch around it; a test keeps the two equal.
+head predicts at that cell (TTFNet's regression). It imports nothing but NumPy, so the deployed
+path (:mod:`edgefm.runtime`) uses it without PyTorch.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
@@ -30,14 +29,14 @@ from edgefm.config import DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import evaluate_split
-from edgefm.export import export_onnx, onnx_files, onnx_runner, op_counts, open_session
+from edgefm.evaluate import detection_agreement, evaluate_split
+from edgefm.export import export_onnx, onnx_files, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
 from edgefm.models.detector import Detector
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantization import ensure_quantization
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
-from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect
+from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect, onnx_runner, open_session
 from edgefm.smaller import ensure_smaller, load_b
 from edgefm.targets import TARGETS
 
@@ -132,44 +131,6 @@ def quantize_like_a(model: Detector, recipe: str, study: dict, work: Path, train
     calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
     return quantize(exported, preprocess(exported, work / "c-fp32-pre.onnx"), work / "c.onnx",
                     study_recipe(study, recipe), calibration)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every XYXY box in ``a`` (N, 4) with every one in ``b`` (M, 4): (N, M)."""
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
-    area = lambda boxes: (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
-def detection_agreement(reference: list[dict], candidate: list[dict], min_score: float = 0.3,
-                        iou: float = 0.5) -> dict:
-    """How far two models' detections of the same images agree, counting those scored >=
-    ``min_score``. A detection is *matched* if the other model has one of the same class with
-    IoU >= ``iou``: ``recall`` is the fraction of the reference's that are matched, ``precision``
-    the fraction of the candidate's; ``mean_iou`` is the mean best IoU of the matched reference
-    detections and ``max_score_gap`` the largest score change between them and their match."""
-    counts = {"reference": [0, 0], "candidate": [0, 0]}  # [matched, total]
-    ious, gaps = [], [0.0]
-    for ref, cand in zip(reference, candidate, strict=True):
-        r, c = ref["scores"] >= min_score, cand["scores"] >= min_score
-        overlap = box_iou(ref["boxes"][r], cand["boxes"][c])
-        overlap[ref["labels"][r][:, None] != cand["labels"][c][None, :]] = 0
-        for side, axis in (("reference", 1), ("candidate", 0)):
-            counts[side][1] += overlap.shape[1 - axis]
-            if overlap.size:
-                counts[side][0] += int((overlap.max(axis=axis) >= iou).sum())
-        if overlap.size:
-            best = overlap.argmax(axis=1)
-            hits = overlap.max(axis=1) >= iou
-            ious += overlap.max(axis=1)[hits].tolist()
-            gaps += np.abs(ref["scores"][r][hits] - cand["scores"][c][best[hits]]).tolist()
-    (matched_ref, total_ref), (matched_cand, total_cand) = counts["reference"], counts["candidate"]
-    return {"recall": matched_ref / max(total_ref, 1), "precision": matched_cand / max(total_cand, 1),
-            "mean_iou": float(np.mean(ious)) if ious else None, "max_score_gap": float(max(gaps)),
-            "reference_detections": total_ref, "candidate_detections": total_cand, "min_score": min_score,
-            "iou": iou}
 
 
 def agreement_with(reference: Detector, detector: EdgeDetector, split: CocoSplit, count: int) -> dict:

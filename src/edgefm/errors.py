@@ -1,7 +1,8 @@
-"""The errors a user can fix on the deployed path: bad input, named with its file.
+"""The errors a user can fix: bad input, named with its file, value or record.
 
-:mod:`edgefm.runtime` and :mod:`edgefm.images` raise these without importing PyTorch; the command
-line prints any :class:`InputError` (and the training side's own input errors) in one line.
+Every such error derives from :class:`InputError`, which the command line prints in one line
+(exit status 2) instead of a traceback. Nothing here imports PyTorch: the deployed path
+(:mod:`edgefm.runtime`, :mod:`edgefm.images`) raises these too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ class InputError(Exception):
     """A problem with something the user gave (a file, a folder, a name); the message names it."""
 
 
-class ImageError(InputError, ValueError):
+class DatasetError(InputError, ValueError):
+    """A COCO dataset is malformed; the message names the file and the record."""
+
+
+class ImageError(DatasetError):
     """An image file that is missing or cannot be decoded."""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from edgefm.config import DetectorConfig
 from edgefm.data.coco import CocoDetection, CocoSplit, collate
 from edgefm.data.transforms import detection_transforms
-from edgefm.models.centernet import decode
-
-# A model as evaluation sees it: float32 images (B, 3, S, S) in [0, 1] -> the head's raw arrays.
-RunModel = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+from edgefm.decode import decode
+from edgefm.runtime import RunModel
 
 SIZES = ("small", "medium", "large")
 
@@ -84,3 +81,41 @@ def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride:
         records += to_coco_results(found, [t["image_id"] for t in targets], [t["scale"] for t in targets],
                                    dataset.category_ids)
     return coco_evaluate(split.annotations, records)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every XYXY box in ``a`` (N, 4) with every one in ``b`` (M, 4): (N, M)."""
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area = lambda boxes: (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def detection_agreement(reference: list[dict], candidate: list[dict], min_score: float = 0.3,
+                        iou: float = 0.5) -> dict:
+    """How far two models' detections of the same images agree, counting those scored >=
+    ``min_score``. A detection is *matched* if the other model has one of the same class with
+    IoU >= ``iou``: ``recall`` is the fraction of the reference's that are matched, ``precision``
+    the fraction of the candidate's; ``mean_iou`` is the mean best IoU of the matched reference
+    detections and ``max_score_gap`` the largest score change between them and their match."""
+    counts = {"reference": [0, 0], "candidate": [0, 0]}  # [matched, total]
+    ious, gaps = [], [0.0]
+    for ref, cand in zip(reference, candidate, strict=True):
+        r, c = ref["scores"] >= min_score, cand["scores"] >= min_score
+        overlap = box_iou(ref["boxes"][r], cand["boxes"][c])
+        overlap[ref["labels"][r][:, None] != cand["labels"][c][None, :]] = 0
+        for side, axis in (("reference", 1), ("candidate", 0)):
+            counts[side][1] += overlap.shape[1 - axis]
+            if overlap.size:
+                counts[side][0] += int((overlap.max(axis=axis) >= iou).sum())
+        if overlap.size:
+            best = overlap.argmax(axis=1)
+            hits = overlap.max(axis=1) >= iou
+            ious += overlap.max(axis=1)[hits].tolist()
+            gaps += np.abs(ref["scores"][r][hits] - cand["scores"][c][best[hits]]).tolist()
+    (matched_ref, total_ref), (matched_cand, total_cand) = counts["reference"], counts["candidate"]
+    return {"recall": matched_ref / max(total_ref, 1), "precision": matched_cand / max(total_cand, 1),
+            "mean_iou": float(np.mean(ious)) if ious else None, "max_score_gap": float(max(gaps)),
+            "reference_detections": total_ref, "candidate_detections": total_cand, "min_score": min_score,
+            "iou": iou}

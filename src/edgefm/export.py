@@ -1,4 +1,4 @@
-"""ONNX export of a detector, and ONNX Runtime sessions that run it.
+"""ONNX export of a detector, and what the exported graph holds (sessions: :mod:`edgefm.runtime`).
 
 The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, torch's default) traces the whole
 network, normalisation included, into one graph with a dynamic batch dimension; its weights go to
@@ -12,24 +12,13 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from edgefm.artifacts import atomic_path
+from edgefm.runtime import OnnxModelError, open_session
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-LEVELS = {
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-class OnnxModelError(ValueError):
-    """A missing, corrupt or unusable ONNX model (the message names the file)."""
 
 
 def export_onnx(model: torch.nn.Module, path: Path | str, image_size: int,
@@ -72,6 +61,8 @@ def _point_external_data(path: Path, data_name: str) -> None:
 def onnx_files(path: Path | str) -> list[Path]:
     """The model file and every external data file it references: what must be shipped."""
     path = Path(path)
+    if path.suffix == ".ort":  # ONNX Runtime's own format keeps its weights inside
+        return [path]
     model = _load(path, load_external_data=False)
     locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
                  if entry.key == "location"}
@@ -92,49 +83,11 @@ def _load(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
         raise OnnxModelError(f"{path}: not a readable ONNX model ({error})") from error
 
 
-def open_session(path: Path | str, threads: int = 2, level: str = "all",
-                 spin: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads and an optimisation level
-    (``disabled``, ``basic``, ``extended``, ``all``).
-
-    ``spin=False`` stops its threads from busy-waiting once a run returns (they still spin
-    within a run): needed when several models take turns on the same cores (a benchmark), where
-    threads left spinning would steal the next model's time.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxModelError(f"{path}: no such ONNX model")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 3
-    if not spin:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
-        raise OnnxModelError(f"{path}: ONNX Runtime cannot load it ({error})") from error
-
-
-def onnx_runner(session: ort.InferenceSession):
-    """Wrap a session as :data:`edgefm.evaluate.RunModel` (images in [0, 1] -> raw outputs).
-
-    A model exported with a fixed batch runs a larger batch in slices of its size."""
-    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-
-    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if not isinstance(batch, int) or len(images) == batch:
-            return tuple(session.run(None, {name: images}))
-        parts = [session.run(None, {name: images[i:i + batch]}) for i in range(0, len(images), batch)]
-        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
-
-    return run
-
-
 def fixed_batch(path: Path | str) -> int | None:
     """The batch size the model's input is fixed to, or None if it is dynamic."""
+    if Path(path).suffix == ".ort":
+        batch = open_session(path, threads=1).get_inputs()[0].shape[0]
+        return batch if isinstance(batch, int) else None
     dim = _load(Path(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     return dim.dim_value if dim.HasField("dim_value") else None
 

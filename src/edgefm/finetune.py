@@ -77,7 +77,7 @@ def label_subset(count: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 def torch_runner(model: torch.nn.Module):
-    """Wrap a PyTorch detector as :data:`edgefm.evaluate.RunModel` (NumPy in, NumPy out)."""
+    """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out)."""
 
     @torch.no_grad()
     def run(images):

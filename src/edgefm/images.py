@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from edgefm.errors import ImageError
 
-PAD_VALUE = 114  # the grey of the padding (YOLO's), as edgefm.data.transforms.Letterbox
+PAD_VALUE = 114  # the grey of the padding (YOLO's), here and in edgefm.data.transforms.Letterbox
 # A qualitative palette (matplotlib's tab10): one colour per class index, repeating.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")

@@ -26,10 +26,11 @@ from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
-from edgefm.export import LEVELS, export_onnx, fuse_transformer, op_counts
+from edgefm.export import export_onnx, fuse_transformer, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
+from edgefm.runtime import LEVELS
 
 CONVS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
 RECIPES = (

@@ -21,13 +21,64 @@ import onnxruntime as ort
 from PIL import Image
 
 from edgefm.decode import decode
-from edgefm.errors import BundleError
+from edgefm.errors import BundleError, InputError
 from edgefm.images import PAD_VALUE, letterbox, read_image
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "edgefm-bundle/1"
 # A model as evaluation sees it: float32 images (B, 3, S, S) in [0, 1] -> the head's raw arrays.
 RunModel = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OnnxModelError(InputError, ValueError):
+    """A missing, corrupt or unusable ONNX model (the message names the file)."""
+
+
+def open_session(path: Path | str, threads: int = 2, level: str = "all",
+                 spin: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and an optimisation level
+    (``disabled``, ``basic``, ``extended``, ``all``).
+
+    ``spin=False`` stops its threads from busy-waiting once a run returns (they still spin
+    within a run): needed when several models take turns on the same cores (a benchmark), where
+    threads left spinning would steal the next model's time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: no such ONNX model")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
+        raise OnnxModelError(f"{path}: ONNX Runtime cannot load it ({error})") from error
+
+
+def onnx_runner(session: ort.InferenceSession) -> RunModel:
+    """Wrap a session as :data:`RunModel` (images in [0, 1] -> raw outputs).
+
+    A model exported with a fixed batch runs a larger batch in slices of its size."""
+    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if not isinstance(batch, int) or len(images) == batch:
+            return tuple(session.run(None, {name: images}))
+        parts = [session.run(None, {name: images[i:i + batch]}) for i in range(0, len(images), batch)]
+        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -94,14 +145,9 @@ class EdgeDetector:
         if use_ort_format and self.spec.ort_model is None:
             raise BundleError(f"{self.folder / BUNDLE_FILE}: the bundle has no .ort model")
         self.path = self.folder / (self.spec.ort_model if use_ort_format else self.spec.model)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # ORT raises its own Fail/InvalidProtobuf types
-            raise BundleError(f"{self.path}: ONNX Runtime cannot load it ({error})") from error
+        self.session = open_session(self.path, threads=threads)
         self._check(self.session)
+        self.run = onnx_runner(self.session)
 
     def _check(self, session: ort.InferenceSession) -> None:
         """Fail now, naming the file, if the model does not fit what bundle.json says."""
@@ -113,15 +159,6 @@ class EdgeDetector:
         if isinstance(channels, int) and channels != classes:
             raise BundleError(f"{self.path}: the model predicts {channels} classes, but "
                               f"{self.folder / BUNDLE_FILE} names {classes}")
-
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Raw outputs for letterboxed images ``(B, 3, S, S)``; a model whose batch is fixed (the
-        INT8 one from quantization-aware training takes one image) runs them in slices."""
-        name, batch = self.session.get_inputs()[0].name, self.session.get_inputs()[0].shape[0]
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        step = batch if isinstance(batch, int) else len(images)
-        parts = [self.session.run(None, {name: images[i:i + step]}) for i in range(0, len(images), step)]
-        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
 
     def detect(self, images: Sequence[Image.Image], score_threshold: float | None = None) -> list[dict]:
         """:func:`detect` with this bundle's model."""

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from edgefm.artifacts import atomic_path
+from edgefm.errors import InputError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 

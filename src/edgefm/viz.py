@@ -11,10 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from edgefm.data.coco import CocoDetection
-
-# A qualitative palette (matplotlib's tab10): one colour per class index, repeating.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+from edgefm.images import PALETTE
 
 
 def draw_boxes(

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-
-class DatasetError(ValueError):
-    """A COCO dataset is malformed; the message names the file and the record."""
+from edgefm.errors import DatasetError
+from edgefm.images import read_image
 
 
 @dataclass(frozen=True)
@@ -96,17 +94,6 @@ def _check_annotation(path: Path, ann: dict, images: dict, category_ids: set[int
             f"{where}: bbox {bbox} lies outside its image "
             f"{image['file_name']} ({image['width']}x{image['height']})"
         )
-
-
-def read_image(path: Path) -> Image.Image:
-    """Open an image as RGB, failing with its path if it is missing or not a readable image."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DatasetError(f"{path}: cannot read image ({error})") from error
 
 
 Transform = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefm.config import DOWNLOAD_ENV
+from edgefm.errors import InputError
 
 FASHION_MNIST_ENV = "EDGEFM_FASHION_MNIST"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -38,7 +39,7 @@ _FILES = {
 }
 
 
-class FashionMNISTNotFound(FileNotFoundError):
+class FashionMNISTNotFound(InputError, FileNotFoundError):
     """The raw files are nowhere this machine can see; the message says how to get them."""
 
 

@@ -12,6 +12,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from edgefm.images import PAD_VALUE
+
 # ImageNet statistics: what MAE and timm backbones are pretrained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +25,7 @@ class Letterbox(torch.nn.Module):
     Records ``target["scale"]`` (new / original) so detections map back to the original image.
     """
 
-    def __init__(self, size: int, fill: int = 114):
+    def __init__(self, size: int, fill: int = PAD_VALUE):
         super().__init__()
         self.size, self.fill = size, fill
 

@@ -8,16 +8,14 @@ and by the log of the box area, with a GIoU loss: many samples per object, and a
 overlap the metric scores. On the default scenes this raised val mAP@[.5:.95] from 0.092 to 0.128
 in the same 600 steps of 16.
 
-Decoding keeps the local maxima of the heatmap (a 3x3 max filter stands in for NMS) and the top
-100 of them, so the network's graph ends at two plain tensors and the decoder is a few lines of
-NumPy that serve PyTorch, ONNX Runtime and a device alike.
+The network's graph ends at the two raw maps; :func:`edgefm.decode.decode` turns them into boxes
+in NumPy, for PyTorch, ONNX Runtime and a device alike.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,38 +128,3 @@ def centernet_loss(
     giou = generalized_box_iou_loss(predicted, wanted, reduction="none")
     box = (giou * weights[chosen]).sum() / weights.sum().clamp(min=1e-4)
     return {"total": heatmap + box_weight * box, "heatmap": heatmap, "box": box}
-
-
-def _max_filter3(x: np.ndarray) -> np.ndarray:
-    """3x3 maximum over the last two axes (edges padded with -inf)."""
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], constant_values=-np.inf)
-    height, width = x.shape[-2:]
-    shifted = [padded[..., dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
-    return np.max(shifted, axis=0)
-
-
-def decode(
-    heat_logits: np.ndarray, distances: np.ndarray, stride: float,
-    max_detections: int = 100, score_threshold: float = 0.01,
-) -> list[dict[str, np.ndarray]]:
-    """Detections from raw head outputs (NumPy arrays, batch first): per image a dict of XYXY
-    ``boxes`` in input pixels, ``scores`` and ``labels``, best first, at most ``max_detections``."""
-    heat = 1 / (1 + np.exp(-np.asarray(heat_logits, dtype=np.float32)))
-    peaks = np.where(_max_filter3(heat) == heat, heat, 0)
-    batch, classes, height, width = heat.shape
-    results = []
-    for b in range(batch):
-        flat = peaks[b].reshape(-1)
-        k = min(max_detections, flat.size)
-        top = np.argpartition(-flat, k - 1)[:k]
-        top = top[np.argsort(-flat[top], kind="stable")]
-        top = top[flat[top] >= score_threshold]
-        labels, cell = np.divmod(top, height * width)
-        ys, xs = np.divmod(cell, width)
-        cx, cy = (xs + 0.5) * stride, (ys + 0.5) * stride
-        left, top_, right, bottom = (distances[b, i, ys, xs] for i in range(4))
-        boxes = np.stack([cx - left, cy - top_, cx + right, cy + bottom], axis=1).astype(np.float32)
-        np.clip(boxes, 0, [width * stride, height * stride] * 2, out=boxes)
-        results.append({"boxes": boxes, "scores": flat[top].astype(np.float32),
-                        "labels": labels.astype(np.int64)})
-    return results
