@@ -164,7 +164,7 @@ def model_card(spec: BundleSpec, c: dict, a: dict, report: list[dict], context: 
 
 An object detector for the {len(spec.class_names)} classes below, made by `edgefm compress`
 (profile `{context['profile']}`): model B, a student cut from the feasibility model A
-({context['b_description']}), quantized to INT8 ({context['recipe']}).
+({context['b_description']}), in INT8 by {context['recipe_description']}.
 Figures come from one benchmark run, against model A in PyTorch FP32.
 
 ## Use
@@ -241,7 +241,9 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                    agreement=agreement_with(b, EdgeDetector(bundle), dataset.eval, profile.agreement_images),
                    bundle_files={f.name: f.stat().st_size for f in sorted(bundle.iterdir())},
                    c_operators=op_counts(bundle / MODEL_FILE))
-    context = {"profile": profile.name, "recipe": recipe, "machine": results["machine"],
+    how = ("quantization-aware fine-tuning" if recipe == QAT else
+           f"the post-training recipe `{recipe.removeprefix('INT8 ')}` of `edgefm.quantization`")
+    context = {"profile": profile.name, "recipe_description": how, "machine": results["machine"],
                "runs": profile.quantize.bench.runs, "eval_images": len(CocoDetection(dataset.eval)),
                "b_description": b_description(smaller["b_config"], profile.pretrain.backbone.num_layers),
                "limits": limits(profile.data.source, results["machine"])}
