@@ -285,9 +285,9 @@ class Profile:
     label_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
     # the curve's runs (both inits, every fraction) and the seed-to-seed spread of A's recipe
     # (seed 0 and spread_seeds, all labels) are shortened to curve_steps to fit the build:
-    # A and its random twin get the full budget, the seven other runs this one (300 steps: ~2 min
-    # each; at 600 they took half an hour of the two-hour budget, before model C was added)
-    curve_steps: int = 300
+    # A and its random twin get the full budget, the seven other runs this one (200 steps: ~1.5
+    # min each; at 600 they took half an hour of the two-hour budget, before model C was added)
+    curve_steps: int = 200
     spread_seeds: tuple[int, ...] = (1,)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     smaller: SmallerConfig = field(default_factory=SmallerConfig)
@@ -334,8 +334,8 @@ def _smoke() -> Profile:
 
 def _default() -> Profile:
     # Detectors start from the 2,000-step run shipped in weights/ (made by the command in its
-    # pretrain.json); the build's own 200-step run only illustrates the method.
-    pretrain = PretrainConfig(weights="weights/mae-default", steps=200)
+    # pretrain.json); the build's own 100-step run only illustrates the method.
+    pretrain = PretrainConfig(weights="weights/mae-default", steps=100)
     return Profile(name="default", data=DataConfig(), pretrain=pretrain)
 
 

@@ -91,11 +91,13 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         return accuracy_cache[key]
 
     model_a = module_variant(model, size)
+    # the scan chooses what stays FP32, so it scores on the val scenes: the eval scenes only report
     sensitivity = sensitivity_scan(
         exported, prepared, work, layer_groups(backbone.num_layers), calibration,
-        lambda path: evaluate_split(model_a.exported("scan", path, "int8").runner(2), dataset.eval, cfg,
+        lambda path: evaluate_split(model_a.exported("scan", path, "int8").runner(2), dataset.val, cfg,
                                     model.stride))
-    reference = accuracy(model_a.exported("a-fp32", exported))["map"]
+    reference = evaluate_split(model_a.exported("a-fp32", exported).runner(2), dataset.val, cfg,
+                               model.stride)["map"]
     keep = tuple(s["group"] for s in sensitivity if reference - s["map"] > settings.sensitivity_threshold)
     recipes = (*RECIPES, QuantRecipe("static-mixed", op_types=CONVS, keep_fp32=keep))
 
