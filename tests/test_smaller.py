@@ -42,11 +42,16 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     settings = load_profile("smoke").smaller
     names = [r["name"] for r in results["variants"]]
     b_names = ["B", f"B's student, {'labels only' if results['b_training'] == 'distilled' else 'distilled'}"]
-    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in settings.students), *b_names]
+    students = (*settings.students, *settings.long_students)
+    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in students), *b_names]
     assert names == expected
     runs = results["b_runs"]
     assert set(runs) == {"distilled", "labels only"}
     assert runs["labels only"]["steps"] == settings.final_plain.steps
+    assert results["distillation_pairs"] == [[s.name, s.name.replace("distilled", "labels only")]
+                                             for s in students if s.distill]
+    steps = {s["name"]: s["steps"] for s in results["students"]}
+    assert {steps[s.name] for s in settings.long_students} == {settings.long.steps}
     assert results["b_training"] == max(runs, key=lambda way: runs[way]["val_map"])  # chosen on val
     for record in results["variants"]:
         assert all(record[f] is not None for f in FIELDS), record["name"]

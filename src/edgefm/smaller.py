@@ -7,7 +7,7 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 1. **pruning curves**: A with ``ratio`` of its heads and MLP channels removed, scored before and
    after a fine-tune (distilled from A) at the comparison budget;
 2. **students**: the configured ViT and mobile students, each with and without distillation, at
-   the same budget;
+   the same budget (the comparison's, or a longer one for students that start from further away);
 3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
    latency as a fraction of A's;
 4. **B**: the most accurate trial within the latency budget, trained again with the final compute
@@ -71,7 +71,7 @@ class Candidates:
         transforms = detection_transforms(self.detector.image_size, train=True)
         self.train = CocoDetection(self.dataset.train, transforms)
         self.mae_source = None
-        if any(s.init == "mae" for s in profile.smaller.students):
+        if any(s.init == "mae" for s in (*profile.smaller.students, *profile.smaller.long_students)):
             from edgefm.pretrain import ensure_pretrained
 
             self.mae_source = ensure_pretrained(profile, progress=progress).source
@@ -109,6 +109,16 @@ class Candidates:
 
     def val_map(self, model: Detector) -> float:
         return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+
+
+def distillation_pairs(specs: tuple[StudentConfig, ...]) -> list[list[str]]:
+    """``[distilled, labels only]`` names of the students in ``specs`` that differ only in
+    whether they are distilled: the comparisons the chapter reports."""
+    def without_distillation(spec: StudentConfig) -> StudentConfig:
+        return replace(spec, name="", distill=None)
+
+    return [[s.name, t.name] for s in specs if s.distill for t in specs
+            if t.distill is None and without_distillation(t) == without_distillation(s)]
 
 
 def study_name(profile: Profile, model_a: str) -> str:
@@ -155,12 +165,15 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     results["pruning"] = curve
 
     students = []
-    for spec in settings.students:
-        model, state = found.trained(spec, settings.compare)
-        models[spec.name] = model
-        students.append({"name": spec.name, "config": plain(spec), "val_map": found.val_map(model),
-                         "train_seconds": state.seconds})
+    for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
+        for spec in specs:
+            model, state = found.trained(spec, training)
+            models[spec.name] = model
+            students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
+                             "val_map": found.val_map(model), "train_seconds": state.seconds})
     results["students"] = students
+    results["distillation_pairs"] = (distillation_pairs(settings.students)
+                                     + distillation_pairs(settings.long_students))
 
     ran: list[int] = []
 
