@@ -41,18 +41,19 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     results = ensure_smaller("smoke", progress=False)
     settings = load_profile("smoke").smaller
     names = [r["name"] for r in results["variants"]]
-    b_names = ["B", f"B's student, {'labels only' if results['b_training'] == 'distilled' else 'distilled'}"]
     students = (*settings.students, *settings.long_students)
-    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in students), *b_names]
+    again_longer = [f"{s.name}, {settings.long_compute.steps:,d} steps" for s in settings.long_students
+                    if s.distill is None]
+    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in students), *again_longer, "B"]
     assert names == expected
-    runs = results["b_runs"]
-    assert set(runs) == {"distilled", "labels only"}
-    assert runs["labels only"]["steps"] == settings.final_plain.steps
     assert results["distillation_pairs"] == [[s.name, s.name.replace("distilled", "labels only")]
                                              for s in students if s.distill]
+    assert [pair[1] for pair in results["equal_compute_pairs"]] == again_longer
     steps = {s["name"]: s["steps"] for s in results["students"]}
     assert {steps[s.name] for s in settings.long_students} == {settings.long.steps}
-    assert results["b_training"] == max(runs, key=lambda way: runs[way]["val_map"])  # chosen on val
+    assert {steps[name] for name in again_longer} == {settings.long_compute.steps}
+    assert results["b_training"]["steps"] == settings.final.steps
+    assert results["b_config"]["distill"] is None  # B learns from the labels alone
     for record in results["variants"]:
         assert all(record[f] is not None for f in FIELDS), record["name"]
     assert len(results["trials"]) == 2 and results["b_record"]["name"] == "B"

@@ -5,13 +5,13 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 :func:`~edgefm.compress.distill.train_student`:
 
 1. **pruning curves**: A with ``ratio`` of its heads and MLP channels removed, scored before and
-   after a fine-tune (distilled from A) at the comparison budget;
+   after a fine-tune at the comparison budget;
 2. **students**: the configured ViT and mobile students, each with and without distillation, at
    the same budget (the comparison's, or a longer one for students that start from further away);
 3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
    latency as a fraction of A's;
-4. **B**: the most accurate trial within the latency budget, trained again with the final compute
-   twice, distilled and on the labels alone (more steps for the same time); the better on val is B.
+4. **B**: the most accurate trial within the latency budget, trained again on the labels alone
+   for the final budget (at equal compute the labels beat distillation: see the students).
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; one
@@ -56,8 +56,9 @@ WEIGHTS = "model.safetensors"
 
 
 def pruned(ratio: float) -> StudentConfig:
-    """A with ``ratio`` of every block's heads and MLP channels removed, fine-tuned by distillation."""
-    return StudentConfig(f"A pruned {ratio:g}", width=ratio, heads=ratio, scope="blocks")
+    """A with ``ratio`` of every block's heads and MLP channels removed, fine-tuned on the labels
+    (a student cut from A gained nothing from distillation, see :mod:`edgefm.smaller`'s students)."""
+    return StudentConfig(f"A pruned {ratio:g}", width=ratio, heads=ratio, scope="blocks", distill=None)
 
 
 class Candidates:
@@ -171,9 +172,19 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
             models[spec.name] = model
             students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
                              "val_map": found.val_map(model), "train_seconds": state.seconds})
-    results["students"] = students
-    results["distillation_pairs"] = (distillation_pairs(settings.students)
-                                     + distillation_pairs(settings.long_students))
+    # each labels-only long student again, for about as long as its distilled twin took
+    equal_compute = []
+    for distilled, labels_only in distillation_pairs(settings.long_students):
+        spec = next(s for s in settings.long_students if s.name == labels_only)
+        spec = replace(spec, name=f"{labels_only}, {settings.long_compute.steps:,d} steps")
+        model, state = found.trained(spec, settings.long_compute)
+        models[spec.name] = model
+        students.append({"name": spec.name, "config": plain(spec), "steps": settings.long_compute.steps,
+                         "val_map": found.val_map(model), "train_seconds": state.seconds})
+        equal_compute.append([distilled, spec.name])
+    results.update(students=students, equal_compute_pairs=equal_compute,
+                   distillation_pairs=distillation_pairs(settings.students)
+                   + distillation_pairs(settings.long_students))
 
     ran: list[int] = []
 
@@ -189,22 +200,14 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                        name=study_name(profile, found.model_a))
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
-    b_spec = from_params(settings.search_start, chosen, "B")
-    # the chosen student trained twice for the same compute: distilled, and on the labels alone
-    # for more steps (a distilled step also runs A); the one better on val is B
-    runs = {}
-    for spec, training in ((b_spec, settings.final), (replace(b_spec, distill=None), settings.final_plain)):
-        model, state = found.trained(spec, training)
-        runs["distilled" if spec.distill else "labels only"] = {
-            "model": model, "steps": training.steps, "train_seconds": state.seconds,
-            "val_map": found.val_map(model)}
-    best = max(runs, key=lambda way: runs[way]["val_map"])
-    for way in sorted(runs, key=lambda way: way != best):  # B first
-        models["B" if way == best else f"B's student, {way}"] = runs[way].pop("model")
-    b_spec = b_spec if best == "distilled" else replace(b_spec, distill=None)
-    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_training=best,
-                   b_runs=runs, latency_budget=search.latency_budget,
-                   storage=search.storage or "sqlite (stage folder)",
+    b_spec = replace(from_params(settings.search_start, chosen, "B"), distill=None)
+    model, state = found.trained(b_spec, settings.final)
+    models["B"] = model
+    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
+                   b_training={"steps": settings.final.steps, "train_seconds": state.seconds,
+                               "val_map": found.val_map(model)},
+                   latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
+                   storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
 
     variants = [model_a] + [module_variant(m, size, name) for name, m in models.items()]
@@ -237,6 +240,5 @@ def load_b(profile: Profile | str | None = None) -> Detector:
     found = Candidates(profile, progress=False)
     config = results["b_config"]
     spec = StudentConfig(**{**config, "distill": config["distill"] and DistillWeights(**config["distill"])})
-    training = profile.smaller.final if spec.distill else profile.smaller.final_plain
-    model, _ = found.trained(spec, training)
+    model, _ = found.trained(spec, profile.smaller.final)
     return model
