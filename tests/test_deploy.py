@@ -225,3 +225,10 @@ def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_di
     heat, _ = EdgeDetector(tmp_path / "bundle").run(np.zeros((1, 3, 64, 64), np.float32))
     expected, _ = model(torch.zeros(1, 3, 64, 64))
     assert spec.ort_model == "model.ort" and np.abs(heat - expected.detach().numpy()).max() < 0.5
+
+
+def test_the_model_card_describes_b_in_words():
+    shape = {"depth": 3, "width": 0.5, "heads": 0.0, "image_size": 0}
+    assert deploy.b_description(shape, 6) == "3 of A's 6 ViT blocks, 50% of the channels, all of their heads"
+    smaller_input = deploy.b_description({**shape, "heads": 0.34, "image_size": 112}, 6)
+    assert smaller_input.endswith("66% of their heads, its input resized to 112 px inside the graph")

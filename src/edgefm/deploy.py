@@ -255,7 +255,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
 
 def b_description(config: dict, a_depth: int) -> str:
     """B's shape in words, from its :class:`~edgefm.config.StudentConfig` record."""
-    size = config["image_size"] and f", its input resized to {config['image_size']} px inside the graph"
+    pixels = config["image_size"]
+    size = f", its input resized to {pixels} px inside the graph" if pixels else ""
     heads = "all of their heads" if not config["heads"] else f"{1 - config['heads']:.0%} of their heads"
     return (f"{config['depth']} of A's {a_depth} ViT blocks, {1 - config['width']:.0%} of the channels, "
             f"{heads}{size}")
