@@ -21,8 +21,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image
-
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
 from edgefm.bench import Variant, benchmark, latencies, module_variant
 from edgefm.config import DetectorConfig, Profile, load_profile
@@ -32,6 +30,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import detection_agreement, evaluate_split
 from edgefm.export import export_onnx, onnx_files, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+from edgefm.images import read_image
 from edgefm.models.detector import Detector
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantization import ensure_quantization
@@ -44,18 +43,6 @@ MODEL_FILE, CARD_FILE = "model.onnx", "model-card.md"
 QAT = "INT8 QAT"
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
 NOT_TRANSFERABLE = ("INT8 static-mixed",)
-
-
-class OrtFormatVariant(Variant):
-    """A model in ONNX Runtime's ``.ort`` format: it runs like an ONNX file, but the ``onnx``
-    package cannot read it, so its size is the file's and its batch is asked of a session."""
-
-    def size_bytes(self) -> int:
-        return self.onnx.stat().st_size
-
-    def takes_batch(self, batch: int) -> bool:
-        fixed = open_session(self.onnx, threads=1).get_inputs()[0].shape[0]
-        return not isinstance(fixed, int) or fixed == batch
 
 
 def choose_recipe(study: dict) -> str:
@@ -137,7 +124,7 @@ def agreement_with(reference: Detector, detector: EdgeDetector, split: CocoSplit
     """How closely the bundle's detections (its own Pillow letterbox, ONNX Runtime, NumPy
     decoder) follow ``reference``'s in PyTorch on the same ``count`` image files."""
     records = json.loads(split.annotations.read_text(encoding="utf-8"))["images"][:count]
-    images = [Image.open(split.images / r["file_name"]).convert("RGB") for r in records]
+    images = [read_image(split.images / r["file_name"]) for r in records]
     ours = detect(torch_runner(reference), images, detector.spec)
     return {"images": len(images), **detection_agreement(ours, detector.detect(images))}
 
@@ -220,8 +207,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     variants = [a, a.exported(f"A {recipe}", Path(study["folder"]) / study["files"][recipe], "int8"),
                 b_variant, b_variant.exported("B (ONNX FP32)", export_onnx(b, work / "b-fp32.onnx", size)),
                 b_variant.exported("C (ONNX INT8)", bundle / MODEL_FILE, "int8"),
-                OrtFormatVariant("C (.ort)", onnx=bundle / spec.ort_model, precision="int8",
-                                 flops=b_variant.flops, params=b_variant.params)]
+                b_variant.exported("C (.ort)", bundle / spec.ort_model, "int8")]
     strides = {v.name: (model_a if v.name.startswith("A") else b).stride for v in variants}
     results = benchmark(variants, size, profile.quantize.bench, lambda v: evaluate_split(
         v.runner(2), dataset.eval, cfg, strides[v.name]))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from edgefm.decode import decode
 from edgefm.errors import BundleError, InputError
-from edgefm.images import PAD_VALUE, letterbox, read_image
+from edgefm.images import PAD_VALUE, letterbox
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "edgefm-bundle/1"
@@ -163,10 +163,6 @@ class EdgeDetector:
     def detect(self, images: Sequence[Image.Image], score_threshold: float | None = None) -> list[dict]:
         """:func:`detect` with this bundle's model."""
         return detect(self.run, images, self.spec, score_threshold)
-
-    def detect_files(self, paths: Sequence[Path | str], score_threshold: float | None = None) -> list[dict]:
-        """:meth:`detect` on image files (a missing or unreadable one fails with its path)."""
-        return self.detect([read_image(path) for path in paths], score_threshold)
 
 
 def detect(run: RunModel, images: Sequence[Image.Image], spec: BundleSpec,

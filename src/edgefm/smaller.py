@@ -166,21 +166,22 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     results["pruning"] = curve
 
     students = []
+
+    def student(spec: StudentConfig, training: StudentTraining) -> None:
+        model, state = found.trained(spec, training)
+        models[spec.name] = model
+        students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
+                         "val_map": found.val_map(model), "train_seconds": state.seconds})
+
     for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
         for spec in specs:
-            model, state = found.trained(spec, training)
-            models[spec.name] = model
-            students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
-                             "val_map": found.val_map(model), "train_seconds": state.seconds})
+            student(spec, training)
     # each labels-only long student again, for about as long as its distilled twin took
     equal_compute = []
     for distilled, labels_only in distillation_pairs(settings.long_students):
         spec = next(s for s in settings.long_students if s.name == labels_only)
         spec = replace(spec, name=f"{labels_only}, {settings.long_compute.steps:,d} steps")
-        model, state = found.trained(spec, settings.long_compute)
-        models[spec.name] = model
-        students.append({"name": spec.name, "config": plain(spec), "steps": settings.long_compute.steps,
-                         "val_map": found.val_map(model), "train_seconds": state.seconds})
+        student(spec, settings.long_compute)
         equal_compute.append([distilled, spec.name])
     results.update(students=students, equal_compute_pairs=equal_compute,
                    distillation_pairs=distillation_pairs(settings.students)
