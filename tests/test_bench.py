@@ -1,8 +1,10 @@
 """The benchmark harness on a tiny detector: every field, ratios against the reference, profiles."""
 
+import time
+
 import pytest
 
-from edgefm.bench import Variant, benchmark, block_times, count_flops, machine, peak_memory
+from edgefm.bench import Variant, benchmark, block_times, count_flops, latencies, machine, peak_memory
 from edgefm.cli import main
 from edgefm.config import BenchConfig
 from edgefm.export import export_onnx
@@ -12,7 +14,8 @@ from test_detector import tiny_detector
 FIELDS = {"name", "format", "precision", "map", "map50", "latency_ms_1t", "latency_ms_2t",
           "latency_p90_ms_1t", "latency_p90_ms_2t", "size_bytes", "params", "flops", "gflops_2t",
           "ceiling_fraction_2t", "throughput_2t", "peak_memory_bytes", "latency_speedup_1t",
-          "latency_speedup_2t", "size_reduction", "map_drop"}
+          "latency_speedup_2t", "size_reduction", "map_drop", "latency_after_idle_ms_1t",
+          "latency_after_idle_ms_2t"}
 
 
 def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
@@ -37,6 +40,35 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
     assert {c["threads"] for c in results["ceiling"]} == {1, 2}
     assert all(c["fp32_gflops"] > 0 and c["int8_gops"] > 0 for c in results["ceiling"])
     assert set(results["machine"]["isa"]) >= {"avx2", "avx512_vnni"}
+
+
+class SlowAfterIdle(Variant):
+    """A stand-in model that takes 1 ms, or 6 ms when it has been idle for over 5 ms: it counts the
+    runs it is given, so the test sees how the harness turns them into timings."""
+
+    calls = 0
+
+    def runner(self, threads):
+        last = [0.0]
+
+        def run(images):
+            type(self).calls += 1
+            idle = time.perf_counter() - last[0] > 5e-3
+            time.sleep(6e-3 if idle else 1e-3)
+            last[0] = time.perf_counter()
+            return (images,)
+
+        return run
+
+
+def test_latencies_time_back_to_back_runs_and_report_the_first_after_a_pause_apart():
+    SlowAfterIdle.calls = 0
+    settings = BenchConfig(runs=6, warmup=2, burst=3, pause_ms=10)
+    timing = latencies([SlowAfterIdle("m")], 8, 1, settings)["m"]
+    assert SlowAfterIdle.calls == 2 + 2 * (3 + 1)  # warm-up, then 2 turns of 1 untimed + 3 timed
+    assert timing["median_ms"] < 4 < timing["after_idle_ms"]
+    paused = latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(runs=4, warmup=1, burst=1, pause_ms=10))["m"]
+    assert paused["after_idle_ms"] > 4 > paused["median_ms"]  # burst 1: every after-idle run follows a pause
 
 
 def test_machine_names_the_cpu_and_versions():

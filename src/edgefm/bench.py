@@ -119,8 +119,9 @@ def machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
-def _median_p90(seconds: list[float]) -> tuple[float, float]:
-    return float(np.median(seconds) * 1e3), float(np.percentile(seconds, 90) * 1e3)
+def _timing(seconds: list[float], after_idle: list[float]) -> dict[str, float]:
+    return {"median_ms": float(np.median(seconds) * 1e3), "p90_ms": float(np.percentile(seconds, 90) * 1e3),
+            "after_idle_ms": float(np.median(after_idle) * 1e3)}
 
 
 def gemm_ceiling(threads: int, size: int = 1024, runs: int = 10) -> dict:
@@ -159,13 +160,18 @@ def _timed(call: Callable[[], object], runs: int) -> float:
     return float(np.median(seconds))
 
 
-def latencies(variants: list[Variant], image_size: int, threads: int, settings: BenchConfig) -> dict:
-    """``{name: (median_ms, p90_ms)}`` at batch 1, the variants interleaved run by run.
+def latencies(variants: list[Variant], image_size: int, threads: int,
+              settings: BenchConfig) -> dict[str, dict[str, float]]:
+    """``{name: {"median_ms", "p90_ms", "after_idle_ms"}}`` at batch 1, the variants interleaved.
 
-    After each run the harness waits ``settings.pause_ms``: a runtime's worker threads keep
+    The variants take turns in rounds; in its turn a variant runs ``settings.burst`` + 1 times back
+    to back and the last ``burst`` runs are the timed ones, until ``settings.runs`` are timed.
+    Before each turn the harness waits ``settings.pause_ms``: a runtime's worker threads keep
     spinning for a while after a run (PyTorch's OpenMP pool does by default), and on a 2-core
-    machine they take a core from whichever variant runs next (an INT8 model run right after A
-    in PyTorch lost most of its 2-thread speed-up that way).
+    machine they would take a core from whichever variant runs next. The first run of a turn
+    starts on cores that have been idle for that pause; waking them is not the model's work (on
+    the virtual machine this book is built on it cost milliseconds), so that run is reported
+    apart, as ``after_idle_ms``, and the timed runs are those of a processor already at work.
     """
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     runners = {v.name: v.runner(threads) for v in variants}
@@ -173,13 +179,15 @@ def latencies(variants: list[Variant], image_size: int, threads: int, settings: 
         for _ in range(settings.warmup):
             run(image)
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(settings.runs):
+    after_idle: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(-(-settings.runs // settings.burst)):
         for name, run in runners.items():
             time.sleep(settings.pause_ms / 1e3)
-            start = time.perf_counter()
-            run(image)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: _median_p90(s) for name, s in seconds.items()}
+            for i in range(settings.burst + 1):
+                start = time.perf_counter()
+                run(image)
+                (after_idle if i == 0 else seconds)[name].append(time.perf_counter() - start)
+    return {name: _timing(seconds[name][:settings.runs], after_idle[name]) for name in runners}
 
 
 def throughput(variant: Variant, image_size: int, batch: int, threads: int, runs: int = 5) -> float:
@@ -251,8 +259,10 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
             scores = accuracy(variant)
             record.update(map=scores["map"], map50=scores["map50"])
         for t in settings.threads:
-            median, p90 = timings[t][variant.name]
-            record[f"latency_ms_{t}t"], record[f"latency_p90_ms_{t}t"] = median, p90
+            timing = timings[t][variant.name]
+            median = record[f"latency_ms_{t}t"] = timing["median_ms"]
+            record[f"latency_p90_ms_{t}t"] = timing["p90_ms"]
+            record[f"latency_after_idle_ms_{t}t"] = timing["after_idle_ms"]
             if variant.flops:
                 achieved = variant.flops / (median / 1e3) / 1e9
                 peak = ceiling[t]["fp32_gflops" if variant.precision == "fp32" else "int8_gops"]

@@ -135,13 +135,15 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     """How hard to measure: ``runs`` timed runs per variant and thread count after ``warmup``
-    untimed ones, with a pause of ``pause_ms`` before each run (see :func:`edgefm.bench.latencies`);
+    untimed ones, in turns of ``burst`` back-to-back runs that follow a pause of ``pause_ms`` and
+    one untimed run (see :func:`edgefm.bench.latencies`);
     throughput at ``throughput_batch``; ``memory`` reads each variant's peak resident size in a
     fresh process (a few seconds each)."""
 
     threads: tuple[int, ...] = (1, 2)
     runs: int = 50
     warmup: int = 10
+    burst: int = 5
     pause_ms: float = 20.0
     throughput_batch: int = 16
     memory: bool = True

@@ -18,12 +18,12 @@ import io
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
 from edgefm.bench import Variant, benchmark, latencies, module_variant
-from edgefm.config import DetectorConfig, Profile, load_profile
+from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
@@ -219,9 +219,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
              DeployedVariant("C, threads spinning (ONNX Runtime's default)", onnx=bundle / MODEL_FILE,
                              precision="int8")]
     bench = profile.quantize.bench
-    results["alone"] = {f"{t}t": {v.name: dict(zip(("median_ms", "p90_ms"),
-                                                   latencies([v], size, t, bench)[v.name], strict=True))
-                                  for v in alone} for t in bench.threads}
+    results["alone"] = {f"{t}t": {v.name: timed_alone(v, size, t, bench) for v in alone}
+                        for t in bench.threads}
     results.update(recipe=recipe, b_config=smaller["b_config"], b_training=smaller["b_training"],
                    bundle=asdict(spec), targets=report,
                    agreement=agreement_with(b, EdgeDetector(bundle), dataset.eval, profile.agreement_images),
@@ -237,6 +236,14 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         tmp.write_text(model_card(spec, c_record, a_record, report, context), encoding="utf-8")
     results["bundle_files"][CARD_FILE] = (bundle / CARD_FILE).stat().st_size
     atomic_write_json(work / "results.json", results)
+
+
+def timed_alone(variant: Variant, size: int, threads: int, bench: BenchConfig) -> dict[str, float]:
+    """One variant timed on its own, as the benchmark times it, and again with a pause before every
+    timed frame (``with_pauses_ms``): frames that come slower than the model runs."""
+    timing = latencies([variant], size, threads, bench)[variant.name]
+    paused = latencies([variant], size, threads, replace(bench, burst=1))[variant.name]
+    return {**timing, "with_pauses_ms": paused["after_idle_ms"]}
 
 
 def b_description(config: dict, a_depth: int) -> str:

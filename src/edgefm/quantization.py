@@ -130,7 +130,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         "activation_tensors": len(minmax),
         "calibration_scenes": sum(len(batch) for batch in calibration.batches),
         "model_a": str(trained.path),
-        "reference_alone": {threads: {"median_ms": m, "p90_ms": p} for threads, (m, p) in alone.items()},
+        "reference_alone": alone,
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
                 "lr": settings.qat.lr, "batch_size": settings.qat.batch_size},
     })

@@ -194,7 +194,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         model, _ = found.trained(spec, settings.compare)
         timing = latencies([model_a, module_variant(model, size, spec.name)], size, 2,
                            replace(settings.bench, runs=settings.search_runs))
-        return found.val_map(model), timing[spec.name][0] / timing[model_a.name][0]
+        return found.val_map(model), timing[spec.name]["median_ms"] / timing[model_a.name]["median_ms"]
 
     search = settings.search
     study = run_search(objective, search, settings.search_start, size, search_storage(profile),
