@@ -10,9 +10,11 @@ import pytest
 import torch
 
 
-def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, module, step: int, run) -> None:
-    """Call ``run()`` with ``module.save_checkpoint`` raising KeyboardInterrupt right after it
-    writes the checkpoint of ``step`` (a run killed there), then restore the real one."""
+def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int, run) -> None:
+    """Call ``run()`` with the training loop's ``save_checkpoint`` raising KeyboardInterrupt right
+    after it writes the checkpoint of ``step`` (a run killed there), then restore the real one."""
+    from edgefm import training as module
+
     real_save = module.save_checkpoint
 
     def save_then_die(path, model, optimizer, scheduler, state):
@@ -53,6 +55,8 @@ def isolated_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test writes artifacts to its own temporary folder."""
     root = tmp_path / "artifacts"
     monkeypatch.setenv("EDGEFM_ARTIFACTS", str(root))
+    # no shipped result unless a test makes one
+    monkeypatch.setenv("EDGEFM_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.delenv("EDGEFM_PROFILE", raising=False)
     monkeypatch.delenv("EDGEFM_DOWNLOAD", raising=False)
     return root

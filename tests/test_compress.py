@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import kill_after_checkpoint
-from edgefm.compress import distill as distill_module
 from edgefm.compress.distill import Distiller, heatmap_distillation, train_student
 from edgefm.compress.prune import keep_blocks, prune_detector, spread_blocks, widths
 from edgefm.compress.students import TimmBackbone, build_student, mobile_scales
@@ -184,7 +183,7 @@ def test_student_training_resumes_exactly_and_distillation_adds_its_terms(fashio
                              tmp_path / folder, progress=False)
 
     straight = run("straight")
-    kill_after_checkpoint(monkeypatch, distill_module, 2, lambda: run("resumed"))
+    kill_after_checkpoint(monkeypatch, 2, lambda: run("resumed"))
     assert run("resumed").losses == straight.losses
     plain = train_student(tiny_detector(num_classes=10, seed=2), None, None, train, cfg, tmp_path / "plain",
                           progress=False)

@@ -49,3 +49,25 @@ def test_shipped_weights_match_the_default_backbone_and_say_how_they_were_made()
     assert record["data"]["seed"] == profile.data.seed and record["loss_last"] < record["loss_first"]
     backbone = load_mae_backbone(folder, expect=profile.pretrain.backbone)
     assert backbone.vit.pos_embed.abs().max() > 0
+
+
+def test_pyproject_declares_every_third_party_import_of_the_library():
+    import ast
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    declared = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("-", "_")
+                for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    names = {"PIL": "pillow"}  # import name -> distribution name
+    imported = set()
+    for path in (root / "src" / "edgefm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {names.get(m, m).lower() for m in imported
+                   if m not in sys.stdlib_module_names and m not in ("edgefm", "__future__")}
+    assert third_party <= declared, f"not declared in pyproject.toml: {sorted(third_party - declared)}"

@@ -15,7 +15,7 @@ from edgefm.data import CocoDetection, CocoSplit, collate, detection_transforms
 from edgefm.decode import decode
 from edgefm.evaluate import coco_evaluate, to_coco_results
 from edgefm.models import ViTBackbone, build_vit
-from edgefm.models.centernet import cell_centres, centernet_loss, centernet_targets, focal_loss
+from edgefm.models.centernet import EncodeTargets, cell_centres, centernet_loss, centernet_targets, focal_loss
 from edgefm.models.detector import Detector
 
 
@@ -24,6 +24,11 @@ def tiny_detector(num_classes=3, image_size=64, seed=0):
     vit = build_vit(BackboneConfig(image_size=image_size, patch_size=8, hidden_size=32, num_layers=2,
                                    num_heads=2))
     return Detector(ViTBackbone(vit), num_classes, channels=32, head_hidden=32)
+
+
+def batched(target: dict) -> dict:
+    """One image's targets as the training loop's collate stacks a batch's."""
+    return {key: value[None] for key, value in target.items()}
 
 
 def test_decoder_on_hand_made_outputs():
@@ -78,9 +83,9 @@ def test_loss_is_near_zero_for_the_perfect_prediction_and_decode_inverts_targets
     boxes = torch.tensor([[3.0, 5.0, 17.0, 13.0], [20.0, 18.0, 30.0, 31.0]])
     target = centernet_targets(boxes, torch.tensor([0, 2]), 3, (8, 8), 4.0)
     outputs = perfect_outputs(target)
-    losses = centernet_loss(outputs, [target], stride=4.0)
+    losses = centernet_loss(outputs, batched(target), stride=4.0)
     assert losses["box"] < 1e-6
-    blank = centernet_loss((torch.zeros_like(outputs[0]), torch.zeros_like(outputs[1])), [target], 4.0)
+    blank = centernet_loss((torch.zeros_like(outputs[0]), torch.zeros_like(outputs[1])), batched(target), 4.0)
     assert losses["heatmap"] < 0.01 * blank["heatmap"] and blank["box"] > 0.5
     (found,) = decode(*(o.numpy() for o in outputs), stride=4.0)
     np.testing.assert_allclose(found["boxes"][np.argsort(found["labels"])], boxes.numpy(), atol=1e-5)
@@ -91,7 +96,7 @@ def test_box_loss_gradient_moves_distances_towards_the_box():
     target = centernet_targets(boxes, torch.tensor([0]), 1, (8, 8), 4.0)
     heat = torch.zeros(1, 1, 8, 8)
     distances = torch.full((1, 4, 8, 8), 2.0, requires_grad=True)  # boxes far too small
-    centernet_loss((heat, distances), [target], stride=4.0)["box"].backward()
+    centernet_loss((heat, distances), batched(target), stride=4.0)["box"].backward()
     assert (distances.grad[0, :, 4, 4] < 0).all()  # every side should grow
 
 
@@ -151,8 +156,7 @@ def test_tiny_detector_overfits_two_scenes(tmp_path):
     dataset = CocoDetection(split, detection_transforms(64, train=False))
     images, targets = collate([dataset[0], dataset[1]])
     model = tiny_detector()
-    out_size = (32, 32)
-    encoded = [centernet_targets(t["boxes"], t["labels"], 3, out_size, model.stride) for t in targets]
+    _, encoded = EncodeTargets(3, model.stride)([dataset[0], dataset[1]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(120):
         loss = centernet_loss(model(images), encoded, model.stride)["total"]

@@ -144,12 +144,12 @@ def test_qat_learns_exports_to_qdq_and_matches_in_onnx_runtime(fashion_dir, tmp_
     assert len(wrapped) == sum(1 for m in tiny_detector().modules() if isinstance(m, layers))
     train = CocoDetection(ensure_dataset(load_profile("smoke")).train, detection_transforms(64, train=True))
     cfg = QatConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, calibration_batches=1, checkpoint_every=3)
-    state = qat_finetune(model, train, 64, cfg, tmp_path)
+    state = qat_finetune(model, train, cfg, tmp_path)
     assert state.step == 6 and (tmp_path / "qat-checkpoint.pt").is_file()
     rounding = [m for m in model.modules() if isinstance(m, Rounding)]
     assert len(rounding) == 2 * len(wrapped)  # each layer's input and output
     assert all(m.seen and m.scale > 0 for m in rounding)  # every range was observed
-    resumed = qat_finetune(model, train, 64, cfg, tmp_path)  # a finished run resumes to its end
+    resumed = qat_finetune(model, train, cfg, tmp_path)  # a finished run resumes to its end
     assert resumed.losses == state.losses
 
     path = export_onnx(freeze(model), tmp_path / "qat.onnx", 64, dynamic_batch=False)

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from conftest import kill_after_checkpoint
-from edgefm import finetune as finetune_module
 from edgefm.config import BackboneConfig, DetectorConfig, FinetuneConfig, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.finetune import (
@@ -43,7 +42,7 @@ def test_label_subsets_are_nested():
 def test_resume_after_interruption_matches_an_uninterrupted_run(fashion_dir, tmp_path, monkeypatch):
     dataset = ensure_dataset("smoke")
     straight = finetune(CFG, BACKBONE, dataset, tmp_path / "straight", progress=False)
-    kill_after_checkpoint(monkeypatch, finetune_module, 3,
+    kill_after_checkpoint(monkeypatch, 3,
                           lambda: finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False))
     resumed = finetune(CFG, BACKBONE, dataset, tmp_path / "resumed", progress=False)
     assert resumed.losses == straight.losses
@@ -76,12 +75,35 @@ def test_feasibility_writes_every_required_figure(fashion_dir):
 
     ensure_feasibility("smoke", progress=False)
     metrics = read_metrics("smoke", "feasibility")
-    for key in ("map", "map50", "map_scratch", "map50_scratch", "params", "train_seconds", "map_small",
-                "per_class"):
-        assert key in metrics
-    assert [p["fraction"] for p in metrics["label_efficiency"]] == [0.1, 0.3, 1.0]
-    assert all(0 <= p["map_mae"] <= 1 and 0 <= p["map_scratch"] <= 1 for p in metrics["label_efficiency"])
-    assert metrics["map"] == metrics["label_efficiency"][-1]["map_mae"]
-    spread = metrics["seed_spread"]
-    assert spread["seeds"] == [0, 1] and spread["spread"] == max(spread["maps"]) - min(spread["maps"])
-    assert spread["maps"][0] == metrics["map"]  # smoke's spread runs are as long as A: seed 0 is A
+    for role in ("a", "random"):
+        figures = metrics[role]
+        low, high = figures["map_ci"]
+        assert low <= figures["map"] <= high and figures["steps"] == 6 and figures["shipped"] is False
+        assert [p[0] for p in figures["val_curve"]] == [3, 6]
+    assert [(p["fraction"], p["init"]) for p in metrics["label_efficiency"]] == [
+        (0.3, "mae"), (0.3, "random"), (1.0, "mae"), (1.0, "random")]
+    assert metrics["label_efficiency"][2]["map"] == metrics["a"]["map"]
+    assert [p["steps"] for p in metrics["label_efficiency"]] == [2, 2, 6, 6]  # the same epochs
+    assert len(metrics["seeds"]) == 3 and metrics["seed_spread"] is not None
+    assert metrics["converged"] in (True, False) and metrics["missing"] == []
+    assert [len(r["val_curve"]) for r in metrics["retrace"]["seeds"]] == [1, 1, 1]
+    assert {g["fraction"] for g in metrics["mae_vs_random"]} == {0.3, 1.0}
+
+
+def test_a_shipped_detector_is_used_only_with_its_exact_config(fashion_dir, tmp_path, capsys):
+    from dataclasses import replace
+
+    from edgefm.finetune import export_finetuned, shipped_folder
+
+    profile = replace(load_profile("smoke"), shipped=True)
+    trained = ensure_finetuned(profile, init="random", progress=False)
+    folder = export_finetuned(trained, shipped_folder(profile, "random"), "edgefm train", "cpu")
+    assert folder == tmp_path / "weights" / "a-random-smoke"  # EDGEFM_WEIGHTS, set by conftest
+    shipped = ensure_finetuned(profile, init="random", progress=False)
+    assert shipped.shipped and shipped.path == folder and shipped.state.losses == trained.state.losses
+    assert torch.equal(load_detector(shipped).head.box[0].weight, load_detector(trained).head.box[0].weight)
+
+    other = replace(profile, finetune=replace(profile.finetune, lr=2e-3))
+    retrained = ensure_finetuned(other, init="random", progress=False)
+    assert not retrained.shipped
+    assert "made with another config (differs in: finetune.lr)" in capsys.readouterr().out

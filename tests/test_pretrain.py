@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 from conftest import kill_after_checkpoint
-from edgefm import pretrain as pretrain_module
 from edgefm.artifacts import read_metrics
 from edgefm.config import BackboneConfig, PretrainConfig
 from edgefm.data import DatasetError
@@ -46,7 +45,7 @@ def test_batches_are_a_pure_function_of_the_step():
 def test_resume_continues_exactly_where_it_stopped(pool, tmp_path, monkeypatch):
     straight = pretrain(CFG, pool, tmp_path / "straight", progress=False)
 
-    kill_after_checkpoint(monkeypatch, pretrain_module, 3,
+    kill_after_checkpoint(monkeypatch, 3,
                           lambda: pretrain(CFG, pool, tmp_path / "resumed", progress=False))
     assert not (tmp_path / "resumed" / "mae").exists()
     resumed = pretrain(CFG, pool, tmp_path / "resumed", progress=False)

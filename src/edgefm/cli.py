@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgefm.config import PROFILES, load_profile
+from edgefm.config import DEVICES, PROFILES, load_profile
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -68,32 +68,84 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         print(f"exported to {export_pretrained(result, profile, args.export, command)}")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _finetune_overrides(args: argparse.Namespace) -> dict:
+    """``--set FIELD=VALUE`` pairs as typed :class:`~edgefm.config.FinetuneConfig` overrides."""
+    from dataclasses import fields
+
+    from edgefm.config import FinetuneConfig
+    from edgefm.errors import InputError
+
+    types = {f.name: type(getattr(FinetuneConfig(), f.name)) for f in fields(FinetuneConfig)}
+    overrides = {}
+    for pair in args.set or ():
+        name, _, value = pair.partition("=")
+        if name not in types or types[name] not in (int, float, str) or name in ("init", "label_fraction"):
+            settable = ", ".join(n for n, t in types.items() if t in (int, float, str)
+                                 and n not in ("init", "label_fraction"))
+            raise InputError(f"--set {pair}: not a settable fine-tuning field; settable: {settable}")
+        try:
+            overrides[name] = types[name](value)
+        except ValueError:
+            raise InputError(f"--set {pair}: {value!r} is not a {types[name].__name__}") from None
+    return overrides
+
+
+def _trained(args: argparse.Namespace, profile=None):
     from edgefm.finetune import ensure_finetuned
 
-    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
-    print(f"detector: {trained.path}")
+    return ensure_finetuned(profile or load_profile(args.profile), args.init, args.fraction,
+                            device=getattr(args, "device", "auto"), workers=getattr(args, "workers", None),
+                            **_finetune_overrides(args))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from edgefm.finetune import export_finetuned
+
+    profile = load_profile(args.profile)
+    trained = _trained(args, profile)
+    print(f"detector: {trained.path}{' (shipped)' if trained.shipped else ''}")
     for record in trained.state.evals:
         print(f"  step {record['step']:>6}: val mAP {record['map']:.3f}, mAP@.5 {record['map50']:.3f}")
+    if args.export is not None:
+        given = sys.argv[1:]
+        if "--profile" in given:  # said once, in front
+            at = given.index("--profile")
+            given = given[:at] + given[at + 2:]
+        command = " ".join(["edgefm", "--profile", profile.name, *given])
+        print(f"exported to {export_finetuned(trained, args.export, command, args.device)}")
+    if args.record is not None:
+        from edgefm.artifacts import atomic_write_json
+        from edgefm.feasibility import run_record
+
+        atomic_write_json(args.record, run_record(profile, trained, args.bootstrap))
+        print(f"record: {args.record}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from edgefm.data import ensure_dataset
     from edgefm.feasibility import evaluate_finetuned
-    from edgefm.finetune import ensure_finetuned
 
     profile = load_profile(args.profile)
-    trained = ensure_finetuned(profile, args.init, args.fraction)
-    metrics = evaluate_finetuned(trained, ensure_dataset(profile).eval)
+    metrics = evaluate_finetuned(_trained(args, profile), ensure_dataset(profile).eval, args.bootstrap)
     print(json.dumps(metrics, indent=2))
+    low, high = metrics["map_ci"]
+    print(f"mAP {metrics['map']:.4f} (95 % bootstrap interval over eval images: {low:.4f} to {high:.4f})")
+
+
+def _cmd_long_runs(args: argparse.Namespace) -> None:
+    from edgefm.feasibility import run_long_runs
+
+    profile = load_profile(args.profile)
+    for line in run_long_runs(profile, args.out, args.device, args.parallel, args.workers, args.only):
+        print(line)
 
 
 def _profile_model(args: argparse.Namespace):
     """The profile's trained detector (PyTorch, or the ``--onnx`` file made from it) and its spec."""
-    from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+    from edgefm.finetune import load_detector, torch_runner
     from edgefm.runtime import BundleSpec, onnx_runner, open_session
 
-    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
+    trained = _trained(args)
     model, cfg = load_detector(trained), trained.config.detector
     run = onnx_runner(open_session(args.onnx, threads=args.threads)) if args.onnx else torch_runner(model)
     spec = BundleSpec(model=str(args.onnx or trained.path), class_names=trained.class_names,
@@ -135,9 +187,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from edgefm.export import export_onnx, onnx_files
-    from edgefm.finetune import ensure_finetuned, load_detector
+    from edgefm.finetune import load_detector
 
-    trained = ensure_finetuned(load_profile(args.profile), args.init, args.fraction)
+    trained = _trained(args)
     path = export_onnx(load_detector(trained), args.out, trained.config.detector.image_size)
     print("exported: " + ", ".join(str(f) for f in onnx_files(path)))
 
@@ -158,10 +210,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from edgefm.data import ensure_dataset
     from edgefm.evaluate import evaluate_split
     from edgefm.export import op_counts, open_session
-    from edgefm.finetune import ensure_finetuned, load_detector
+    from edgefm.finetune import load_detector
 
     profile = load_profile(args.profile)
-    trained = ensure_finetuned(profile, args.init, args.fraction)
+    trained = _trained(args, profile)
     model, cfg = load_detector(trained), trained.config.detector
     variants = [module_variant(model, cfg.image_size)]
     for path in args.models:
@@ -248,14 +300,46 @@ def build_parser() -> argparse.ArgumentParser:
                              help="backbone initialisation (default: the profile's, mae)")
         command.add_argument("--fraction", type=float, default=None,
                              help="fraction of the labelled train scenes (default: all)")
+        command.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                             help="change one field of the profile's fine-tuning recipe, e.g. "
+                             "--set steps=6000 --set seed=1 (a separate cached run); repeatable")
+
+    def device_choice(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--device", choices=DEVICES, default="auto",
+                             help="where to train and evaluate (default: auto, a GPU if there is one); "
+                             "never part of a result's key")
+        command.add_argument("--workers", type=int, default=None, help="data-loading processes "
+                             "(default: 0 on the CPU, up to 6 on a GPU)")
 
     train = commands.add_parser("train", help="fine-tune the detector (cached; resumes if interrupted)")
     model_choice(train)
+    device_choice(train)
+    train.add_argument("--export", type=Path, default=None, help="copy the detector as the book ships it "
+                       "(weights, config, history, the command) to this folder")
+    train.add_argument("--record", type=Path, default=None, help="write the run's record (config, val "
+                       "curve, eval mAP with its interval) as JSON to this file")
+    train.add_argument("--bootstrap", type=int, default=1000, help="resamples of the eval images for "
+                       "the interval in --record (default: 1000)")
     train.set_defaults(run=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="COCO mAP of the trained detector on the eval split")
+    evaluate = commands.add_parser("eval", help="COCO mAP of the trained detector on the eval split, "
+                                   "with a 95 %% bootstrap interval over the eval images")
     model_choice(evaluate)
+    device_choice(evaluate)
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: 1000)")
     evaluate.set_defaults(run=_cmd_eval)
+
+    long_runs = commands.add_parser(
+        "long-runs", help="train the feasibility study's runs too long for the build (A, its random "
+        "twin, more seeds, shorter schedules, label fractions) in parallel, and ship them to weights/")
+    long_runs.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    long_runs.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+    long_runs.add_argument("--workers", type=int, default=None, help="data-loading processes per run")
+    long_runs.add_argument("--out", type=Path, default=None,
+                           help="where the shipped folders go (default: $EDGEFM_WEIGHTS, else weights/)")
+    long_runs.add_argument("--only", nargs="*", default=None, metavar="RUN",
+                           help="run only these of the study's runs (by name)")
+    long_runs.set_defaults(run=_cmd_long_runs)
 
     predict = commands.add_parser("predict", help="detect objects in images: with a deployed bundle "
                                   "(ONNX Runtime only, no PyTorch) or the profile's model A")

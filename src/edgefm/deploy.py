@@ -111,7 +111,7 @@ def quantize_like_a(model: Detector, recipe: str, study: dict, work: Path, train
     if recipe == QAT:
         qat_model = prepare_qat(model)
         scenes = CocoDetection(train, detection_transforms(size, train=True))
-        qat_finetune(qat_model, scenes, size, profile.quantize.qat, work, progress)
+        qat_finetune(qat_model, scenes, profile.quantize.qat, work, progress)
         exported = export_onnx(freeze(qat_model), work / "c.onnx", size, dynamic_batch=False)
         return fold_weight_quantizers(exported)
     exported = export_onnx(model, work / "c-fp32.onnx", size)

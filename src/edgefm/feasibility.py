@@ -1,81 +1,308 @@
-"""The feasibility model A and what its foundation model is worth, measured.
+"""The feasibility model A and what its foundation model is worth, measured with error bars.
 
-Model A is the detector fine-tuned from the MAE encoder on all labelled train scenes. The same
-detector, recipe and number of steps from a random encoder is the baseline. Both again, shortened
-to the profile's ``curve_steps``, on nested fractions of the labels give the label-efficiency
-curve; A's shortened recipe with other seeds gives the seed-to-seed spread. Everything is
-evaluated once, on the eval scenes, with COCOeval, and recorded in ``metrics/feasibility.json``.
+The study is a set of fine-tuning runs (:func:`study_runs`): A (the profile's recipe from the MAE
+encoder), its random-init twin (same recipe and budget), A with other seeds (the seed-to-seed
+spread), A on shorter schedules (does a longer one still gain?), and both inits on fractions of
+the labels, each for as many epochs over its subset as A over all of them (label efficiency).
+
+Most of these runs are too long for a two-hour build on a laptop. ``edgefm long-runs`` trains
+them (in parallel, on a GPU if there is one) and ships them: A and its twin as weights
+(``weights/a-<profile>``, ``weights/a-random-<profile>``), every run as a record of its config,
+validation curve and eval mAP with its interval (``weights/feasibility-<profile>/runs.json``).
+The build (:func:`ensure_feasibility`) uses a shipped run only if it was made with exactly the
+config the profile asks for, re-evaluates the shipped A and twin, and re-traces the start of A's
+schedule live with three seeds; anything missing is trained here. Every mAP carries a 95 %
+bootstrap interval over the eval images, and every verdict compares a gap with its intervals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgefm.artifacts import write_metrics
-from edgefm.config import Profile, load_profile
+import numpy as np
+
+from edgefm.artifacts import artifacts_root, atomic_write_json, plain, write_metrics
+from edgefm.config import FinetuneConfig, Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
-from edgefm.evaluate import evaluate_split
-from edgefm.finetune import Finetuned, ensure_finetuned, load_detector, torch_runner
+from edgefm.evaluate import evaluate_split, interval_gap
+from edgefm.finetune import (
+    Finetuned,
+    config_differences,
+    ensure_finetuned,
+    finetune_key,
+    load_detector,
+    shipped_folder,
+    torch_runner,
+    weights_root,
+)
+from edgefm.training import resolve_device
+
+BOOTSTRAP = 1000  # resamples of the eval images behind every interval
+EVAL_KEYS = ("map", "map_ci", "map50", "map75", "map_small", "map_medium", "map_large", "per_class")
 
 
-def evaluate_finetuned(trained: Finetuned, split: CocoSplit) -> dict:
-    """COCO metrics of a fine-tuned detector on a split."""
-    model = load_detector(trained)
-    return evaluate_split(torch_runner(model), split, trained.config.detector, model.stride)
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the study: ``init`` on ``fraction`` of the labels, with
+    ``overrides`` of the profile's recipe (seed, steps, ...)."""
+
+    name: str
+    init: str
+    fraction: float = 1.0
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def config(self, profile: Profile) -> FinetuneConfig:
+        return replace(profile.finetune, init=self.init, label_fraction=self.fraction, **dict(self.overrides))
 
 
-def seed_spread(profile: Profile, score: Callable[[Finetuned], dict], progress: bool = True) -> dict:
-    """mAP of A's recipe, shortened to ``curve_steps``, for seed 0 and each of ``spread_seeds``:
-    how far apart two runs that differ only by chance land (init of the new layers, batch order).
-    Seed 0's run is the label-efficiency curve's all-labels MAE run (same config, same cache);
-    ``score`` evaluates a run (the caller's, so a run it already scored is not evaluated again)."""
-    full = max(profile.label_fractions)
-    seeds = (profile.finetune.seed, *profile.spread_seeds)
-    runs = [ensure_finetuned(profile, "mae", full, progress, seed=seed, steps=profile.curve_steps)
-            for seed in seeds]
-    maps = [score(trained)["map"] for trained in runs]
-    return {"steps": profile.curve_steps, "seeds": list(seeds), "maps": maps,
-            "spread": max(maps) - min(maps)}
+def fraction_overrides(cfg: FinetuneConfig, fraction: float) -> tuple[tuple[str, object], ...]:
+    """A run on ``fraction`` of the labels for as many epochs over its subset as the full recipe
+    over all: its steps, warm-up and validation spacing scale with the fraction."""
+    steps = max(1, round(cfg.steps * fraction))
+    return (("steps", steps), ("warmup_steps", max(1, min(cfg.warmup_steps, steps // 10))),
+            ("eval_every", max(1, min(cfg.eval_every, steps // 6))))
+
+
+def study_runs(profile: Profile) -> list[Run]:
+    """Every run of the study, A first."""
+    cfg = profile.finetune
+    runs = [Run("a", "mae"), Run("random", "random")]
+    runs += [Run(f"a-seed{seed}", "mae", overrides=(("seed", seed),)) for seed in profile.spread_seeds]
+    runs += [Run(f"a-{factor:g}x", "mae", overrides=(("steps", max(1, round(cfg.steps * factor))),))
+             for factor in profile.schedule_factors]
+    runs += [Run(f"{init}-{fraction:g}", init, fraction, fraction_overrides(cfg, fraction))
+             for fraction in sorted(profile.label_fractions) if fraction < 1 for init in ("mae", "random")]
+    return runs
+
+
+def label_runs(profile: Profile) -> list[str]:
+    """The names of the label-efficiency curve's runs (all labels: A and its twin)."""
+    return ["a", "random"] + [f"{init}-{fraction:g}" for fraction in profile.label_fractions if fraction < 1
+                              for init in ("mae", "random")]
+
+
+def evaluate_finetuned(trained: Finetuned, split: CocoSplit, bootstrap: int = 0,
+                       device: str = "auto") -> dict:
+    """COCO metrics of a fine-tuned detector on a split (``map_ci`` with ``bootstrap`` > 0)."""
+    model = load_detector(trained).to(resolve_device(device))
+    return evaluate_split(torch_runner(model), split, trained.config.detector, model.stride,
+                          bootstrap=bootstrap)
+
+
+def _smoothed(values: list[float], window: int = 50) -> list[list[float]]:
+    """[[step, mean of the window ending there], ...]: a loss curve a record can carry."""
+    return [[end, float(np.mean(values[max(0, end - window):end]))]
+            for end in range(window, len(values) + 1, window)] or [[len(values), float(np.mean(values))]]
+
+
+def run_record(profile: Profile, trained: Finetuned, bootstrap: int = BOOTSTRAP,
+               device: str = "auto") -> dict:
+    """What the study keeps of a run: the config it was made with (its key), its validation
+    curve and smoothed loss, its time, and its eval metrics with their interval."""
+    key, _ = finetune_key(profile, trained.config, progress=False)
+    metrics = evaluate_finetuned(trained, ensure_dataset(profile).eval, bootstrap, device)
+    state = trained.state
+    return {
+        "config": json.loads(json.dumps(plain(key), default=str)),
+        "init": trained.config.init, "fraction": trained.config.label_fraction,
+        "steps": state.step, "batch_size": trained.config.batch_size,
+        "val_curve": [[e["step"], e["map"]] for e in state.evals],
+        "loss_curve": _smoothed(state.losses), "seconds": round(state.seconds, 1),
+        "eval": {k: metrics[k] for k in EVAL_KEYS},
+    }
+
+
+def shipped_records(profile: Profile) -> dict[str, dict]:
+    """The study's records shipped in ``weights/feasibility-<profile>/runs.json`` (may be none)."""
+    path = weights_root() / f"feasibility-{profile.name}" / "runs.json"
+    return json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else {}
+
+
+def _run_images(profile: Profile, run: Run) -> int:
+    cfg = run.config(profile)
+    return (cfg.stop_after or cfg.steps) * cfg.batch_size
+
+
+def live_runs(profile: Profile) -> list[Run]:
+    """What the build always trains itself: the first ``retrace_steps`` of A's schedule with each
+    of A's seeds (the start of its curve, re-traced, and an in-build seed spread), and of its
+    random twin's (so MAE vs random is also measured live, at that budget)."""
+    stop = (("stop_after", profile.retrace_steps),)
+    return ([Run(f"retrace-seed{seed}", "mae", overrides=(("seed", seed), *stop))
+             for seed in (profile.finetune.seed, *profile.spread_seeds)]
+            + [Run("retrace-random", "random", overrides=stop)])
+
+
+def _record(profile: Profile, run: Run, shipped: dict[str, dict], progress: bool) -> dict | None:
+    """A run's record: shipped if one was made with exactly this config, else trained here if
+    the profile ships nothing, or the run is A, or it costs no more than a re-trace run; else None
+    (a long run not shipped yet: the book says so and how to make it)."""
+    cfg = run.config(profile)
+    key, _ = finetune_key(profile, cfg, progress)
+    wanted = json.loads(json.dumps(plain(key), default=str))
+    if run.name in shipped and not config_differences(shipped[run.name]["config"], wanted):
+        return {**shipped[run.name], "name": run.name, "shipped": True}
+    affordable = _run_images(profile, run) <= profile.retrace_steps * profile.finetune.batch_size
+    if profile.shipped and run.name != "a" and not affordable:
+        return None
+    if run.name in shipped and profile.shipped:
+        print(f"note: the shipped record of run {run.name!r} was made with another config; training it here")
+    trained = ensure_finetuned(profile, cfg.init, cfg.label_fraction, progress, **dict(run.overrides))
+    return {**run_record(profile, trained), "name": run.name, "shipped": False}
+
+
+def _final_val(record: dict) -> float:
+    return record["val_curve"][-1][1]
+
+
+def converged(curve: list[list[float]], spread: float | None) -> dict:
+    """The study's rule: a schedule has converged when the val mAP it gained over its last
+    quarter is smaller than the seed-to-seed spread of the final val mAP (None: no spread yet)."""
+    last_step = curve[-1][0]
+    quarter = min(curve, key=lambda point: abs(point[0] - 0.75 * last_step))
+    gain = curve[-1][1] - quarter[1]
+    return {"gain_last_quarter": gain, "from_step": quarter[0], "spread": spread,
+            "best_val": max(m for _, m in curve), "final_val": curve[-1][1],
+            "converged": None if spread is None else gain < spread}
+
+
+def _summary(record: dict, *extra: str) -> dict:
+    """A run's figures for the metrics file."""
+    return {"name": record["name"], "init": record["init"], "fraction": record["fraction"],
+            "steps": record["steps"], "shipped": record["shipped"], "val_curve": record["val_curve"],
+            "loss_curve": record["loss_curve"], "seconds": record["seconds"],
+            **{k: record["eval"][k] for k in ("map", "map_ci", "map50", *extra)}}
+
+
+def _spread(records: list[dict], value) -> float | None:
+    """max - min of ``value`` over the records, if at least three seeds are there."""
+    values = [float(value(r)) for r in records]
+    return max(values) - min(values) if len(values) >= 3 else None
 
 
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:
-    """Train (or load) A, its random-init twin and the label-efficiency runs; write the metrics."""
+    """The study's figures (see the module docstring), written to ``metrics/feasibility.json``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    full = max(profile.label_fractions)
-    model_a, scratch = (ensure_finetuned(profile, init, full, progress) for init in ("mae", "random"))
-    curve = {(init, fraction): ensure_finetuned(profile, init, fraction, progress, steps=profile.curve_steps)
-             for fraction in profile.label_fractions for init in ("mae", "random")}
+    shipped = shipped_records(profile)
+    found = {run.name: _record(profile, run, shipped, progress) for run in study_runs(profile)}
+    records = {name: r for name, r in found.items() if r is not None}
     eval_split = ensure_dataset(profile).eval
-    by_path: dict[Path, dict] = {}  # a run that serves two roles (e.g. curve and spread) is scored once
-
-    def score(trained: Finetuned) -> dict:
-        if trained.path not in by_path:
-            by_path[trained.path] = evaluate_finetuned(trained, eval_split)
-        return by_path[trained.path]
-
-    score_a, score_scratch = score(model_a), score(scratch)
-    scores = {key: score(trained) for key, trained in curve.items()}
+    for name, init in (("a", "mae"), ("random", "random")):  # shipped weights are checked, not trusted
+        if name in records and records[name]["shipped"]:
+            trained = ensure_finetuned(profile, init, 1.0, progress)
+            figures = evaluate_finetuned(trained, eval_split, BOOTSTRAP)
+            records[name]["eval"] = {k: figures[k] for k in EVAL_KEYS}
+    trains_here = replace(profile, shipped=False)
+    live = {run.name: _record(trains_here, run, {}, progress) for run in live_runs(profile)}
+    a = records["a"]
+    seeds = [r for name, r in records.items() if name == "a" or name.startswith("a-seed")]
+    seed_names = [name for name in live if name.startswith("retrace-seed")]
     metrics = {
-        **score_a,
-        "map_scratch": score_scratch["map"],
-        "map50_scratch": score_scratch["map50"],
-        "per_class_scratch": score_scratch["per_class"],
-        "params": sum(p.numel() for p in load_detector(model_a).parameters()),
-        "train_seconds": round(model_a.state.seconds, 1),
-        "train_seconds_scratch": round(scratch.state.seconds, 1),
-        "steps": model_a.state.step,
-        "losses": model_a.state.losses, "losses_scratch": scratch.state.losses,
-        "val_curve": model_a.state.evals, "val_curve_scratch": scratch.state.evals,
-        "curve_steps": profile.curve_steps,
-        "label_efficiency": [
-            {"fraction": f, "map_mae": scores[("mae", f)]["map"], "map_scratch": scores[("random", f)]["map"],
-             "map50_mae": scores[("mae", f)]["map50"], "map50_scratch": scores[("random", f)]["map50"]}
-            for f in sorted(profile.label_fractions)
-        ],
-        "checkpoint": str(model_a.path),
+        "a": _summary(a, *EVAL_KEYS[3:]),
+        "random": _summary(records["random"]) if "random" in records else None,
+        "recipe": asdict(profile.finetune),
+        "params": sum(p.numel() for p in load_detector(ensure_finetuned(profile, "mae", 1.0)).parameters()),
+        "seeds": [_summary(r) for r in seeds],
+        "seed_spread": _none_or(_spread(seeds, lambda r: r["eval"]["map"]), lambda v: 100 * v),
+        "convergence": converged(a["val_curve"], _spread(seeds, _final_val)),
+        "schedules": sorted((_summary(r) for name, r in records.items()
+                             if name == "a" or name.endswith("x")), key=lambda r: r["steps"]),
+        "label_efficiency": sorted((_summary(records[n]) for n in label_runs(profile) if n in records),
+                                   key=lambda r: (r["fraction"], r["init"])),
+        "retrace": {
+            "steps": profile.retrace_steps, "seeds": [_summary(live[name]) for name in seed_names],
+            "random": _summary(live["retrace-random"]),
+            "seed_spread": 100 * _spread([live[n] for n in seed_names], lambda r: r["eval"]["map"]),
+            "mae_vs_random": interval_gap(live[seed_names[0]]["eval"], live["retrace-random"]["eval"]),
+            "shipped": a["shipped"],
+            "a_val_curve": [p for p in a["val_curve"] if p[0] <= profile.retrace_steps],
+            "a_loss_curve": [p for p in a["loss_curve"] if p[0] <= profile.retrace_steps],
+        },
+        "missing": [{"name": name, "command": f"edgefm --profile {profile.name} long-runs --only {name}"}
+                    for name, r in found.items() if r is None],
     }
-    metrics["map_gain_mae"] = metrics["map"] - metrics["map_scratch"]
-    metrics["seed_spread"] = seed_spread(profile, score, progress)
+    metrics["converged"] = metrics["convergence"]["converged"]
+    metrics["mae_vs_random"] = mae_vs_random(metrics["label_efficiency"])
     write_metrics(profile.name, "feasibility", metrics)
     return metrics
+
+
+def _none_or(value, apply):
+    return None if value is None else apply(value)
+
+
+def mae_vs_random(curve: list[dict]) -> list[dict]:
+    """At each label fraction with both runs, MAE init's mAP minus random init's, judged against
+    the intervals."""
+    by = {(p["fraction"], p["init"]): p for p in curve}
+    return [{"fraction": f, **interval_gap(by[(f, "mae")], by[(f, "random")])}
+            for f in sorted({p["fraction"] for p in curve}) if (f, "mae") in by and (f, "random") in by]
+
+
+def gap_verdict(gap: dict, first: str, second: str) -> str:
+    """A verdict on ``first`` minus ``second`` (:func:`~edgefm.evaluate.interval_gap`) in words."""
+    if not gap["significant"]:
+        return f"{first} and {second} are level: the gap is within the intervals"
+    return f"{first} beats {second}" if gap["gap"] > 0 else f"{second} beats {first}"
+
+
+def run_long_runs(profile: Profile, out: Path | None = None, device: str = "auto", parallel: int = 1,
+                  workers: int | None = None, only: list[str] | None = None) -> Iterator[str]:
+    """Train the study's runs with ``edgefm train`` in ``parallel`` processes (longest first) and
+    ship them under ``out`` (default: ``weights/``): A and its twin as weights, every run's record
+    in ``feasibility-<profile>/runs.json`` (merged with the records already there). Yields one
+    line per event, for the command line."""
+    out = out or weights_root()
+    runs = [r for r in study_runs(profile) if only is None or r.name in only]
+    unknown = set(only or ()) - {r.name for r in study_runs(profile)}
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; the study's runs: "
+                         f"{', '.join(r.name for r in study_runs(profile))}")
+    work = artifacts_root() / profile.name / "long-runs"
+    work.mkdir(parents=True, exist_ok=True)
+    ensure_dataset(profile)  # what every run needs, made once here rather than raced for by each
+    finetune_key(profile, runs[0].config(profile), progress=False)
+    queue = sorted(runs, key=lambda r: -r.config(profile).steps * r.config(profile).batch_size)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed = []
+    while queue or running:
+        while queue and len(running) < parallel:
+            run = queue.pop(0)
+            command = _train_command(profile, run, work, out, device, workers)
+            log = open(work / f"{run.name}.log", "w")  # noqa: SIM115 (closed with the process)
+            running[run.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time())
+            yield f"started {run.name}: {' '.join(command[2:])}"
+        time.sleep(2)
+        for name, (process, started) in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                failed += [name] if process.returncode else []
+                yield f"{status} {name} in {time.time() - started:.0f} s (log: {work / (name + '.log')})"
+    records_path = out / f"feasibility-{profile.name}" / "runs.json"
+    records = json.loads(records_path.read_text(encoding="utf-8"))["runs"] if records_path.is_file() else {}
+    for run in runs:
+        if (work / f"{run.name}.json").is_file():
+            records[run.name] = json.loads((work / f"{run.name}.json").read_text(encoding="utf-8"))
+    command = f"edgefm --profile {profile.name} long-runs --device {device} --parallel {parallel}"
+    atomic_write_json(records_path, {"command": command, "runs": records})
+    yield f"records: {records_path}" + (f"; failed: {', '.join(failed)}" if failed else "")
+
+
+def _train_command(profile: Profile, run: Run, work: Path, out: Path, device: str,
+                   workers: int | None) -> list[str]:
+    command = [sys.executable, "-m", "edgefm.cli", "--profile", profile.name, "train", "--init", run.init,
+               "--fraction", str(run.fraction), "--device", device,
+               "--record", str(work / f"{run.name}.json")]
+    command += [arg for key, value in run.overrides for arg in ("--set", f"{key}={value}")]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    if run.name in ("a", "random"):
+        command += ["--export", str(out / shipped_folder(profile, run.init).name)]
+    return command

@@ -10,34 +10,35 @@ exactly (:mod:`edgefm.training`). The final weights are saved with safetensors.
 from __future__ import annotations
 
 import json
-import time
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir
-from edgefm.config import BackboneConfig, DetectorConfig, FinetuneConfig, Profile, load_profile
+from edgefm.artifacts import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_dir,
+    plain,
+    project_root,
+    stage_dir,
+)
+from edgefm.config import WEIGHTS_ENV, BackboneConfig, DetectorConfig, FinetuneConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
-from edgefm.data.coco import CocoDetection, collate
+from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
-from edgefm.models.centernet import centernet_loss, centernet_targets
+from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
 from edgefm.models.vit import load_mae_backbone, random_mae_backbone
-from edgefm.training import (
-    CheckpointError,
-    TrainState,
-    batch_indices,
-    cosine_with_warmup,
-    load_checkpoint,
-    save_checkpoint,
-)
+from edgefm.training import CheckpointError, Schedule, StepData, TrainState, fit, resolve_device
 
 WEIGHTS = "model.safetensors"
+INITS = ("mae", "random")
 
 
 def build_detector(cfg: DetectorConfig, backbone: BackboneConfig, num_classes: int,
@@ -77,57 +78,48 @@ def label_subset(count: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 def torch_runner(model: torch.nn.Module):
-    """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out)."""
+    """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out), on
+    whichever device the model is."""
 
     @torch.no_grad()
     def run(images):
         model.eval()
-        return tuple(o.numpy() for o in model(torch.from_numpy(images)))
+        device = next(model.parameters()).device
+        return tuple(o.float().cpu().numpy() for o in model(torch.from_numpy(images).to(device)))
 
     return run
 
 
 def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDataset, work: Path,
-             mae_source: str | None = None, progress: bool = True) -> TrainState:
-    """Train a detector on ``dataset.train`` (validating on ``dataset.val``); outputs go to ``work``."""
+             mae_source: str | None = None, progress: bool = True, device: str = "auto",
+             workers: int | None = None) -> TrainState:
+    """Train a detector on ``dataset.train`` (validating on ``dataset.val``); outputs go to ``work``.
+
+    ``cfg.stop_after`` > 0 stops the run after that many steps of its schedule (the start of a
+    long run, re-traced); the weights are then those of that step."""
     torch.manual_seed(cfg.seed)
-    size = cfg.detector.image_size
-    train = CocoDetection(dataset.train, detection_transforms(size, train=True))
-    subset = label_subset(len(train), cfg.label_fraction, cfg.seed)
-    model = build_detector(cfg.detector, backbone, len(train.class_names), mae_source).train()
+    train = CocoDetection(dataset.train, detection_transforms(cfg.detector.image_size, train=True))
+    model = build_detector(cfg.detector, backbone, len(train.class_names), mae_source)
     decay = cfg.layer_decay if mae_source is not None else 1.0
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.lr, decay, cfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
-    checkpoint = work / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint.exists() else TrainState()
-    out_size = (round(size / model.stride),) * 2
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"fine-tuning ({cfg.init})", disable=not progress)
-    while state.step < cfg.steps:
-        start = time.perf_counter()
-        chosen = subset[batch_indices(state.step, cfg.batch_size, len(subset), cfg.seed)]
-        images, targets = collate([train[int(i)] for i in chosen])
-        encoded = [centernet_targets(t["boxes"], t["labels"], model.num_classes, out_size, model.stride)
-                   for t in targets]
-        losses = centernet_loss(model(images), encoded, model.stride)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        state.seconds += time.perf_counter() - start
-        state.losses.append(round(losses["total"].item(), 5))
-        bar.update()
-        bar.set_postfix(loss=f"{losses['total'].item():.3f}")
-        if dataset.val is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
-            metrics = evaluate_split(torch_runner(model), dataset.val, cfg.detector, model.stride)
-            state.evals.append({"step": state.step, "map": metrics["map"], "map50": metrics["map50"]})
-            model.train()
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
-    bar.close()
+    data = StepData(train, cfg.batch_size, cfg.seed, EncodeTargets(model.num_classes, model.stride),
+                    label_subset(len(train), cfg.label_fraction, cfg.seed).tolist())
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every, cfg.eval_every,
+                        stop=cfg.stop_after)
+
+    def loss(model: Detector, batch) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return centernet_loss(model(images), targets, model.stride)
+
+    def validate(model: Detector) -> dict:
+        metrics = evaluate_split(torch_runner(model), dataset.val, cfg.detector, model.stride)
+        return {"map": metrics["map"], "map50": metrics["map50"]}
+
+    state = fit(model, optimizer, loss, data, schedule, work / "checkpoint.pt", device=device,
+                workers=workers, validate=validate if dataset.val is not None else None,
+                progress=progress, desc=f"fine-tuning ({cfg.init})")
     with atomic_path(work / WEIGHTS) as tmp:
-        save_file(model.state_dict(), str(tmp))
+        save_file({k: v.cpu() for k, v in model.state_dict().items()}, str(tmp))
     atomic_write_json(work / "train_state.json", asdict(state))
     atomic_write_json(work / "classes.json", train.class_names)
     return state
@@ -135,43 +127,127 @@ def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDa
 
 @dataclass(frozen=True)
 class Finetuned:
-    """A trained detector's folder, how it was made, and its training history."""
+    """A trained detector's folder, how it was made, and its training history. ``shipped`` is
+    True when the folder is a result shipped with the book (``weights/``), not trained here."""
 
     path: Path
     config: FinetuneConfig
     backbone: BackboneConfig
     class_names: list[str]
     state: TrainState
+    shipped: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
+def _read_finetuned(path: Path, cfg: FinetuneConfig, backbone: BackboneConfig, shipped: bool) -> Finetuned:
+    saved = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    class_names = json.loads((path / "classes.json").read_text(encoding="utf-8"))
+    return Finetuned(path, cfg, backbone, class_names, TrainState(**saved), shipped)
+
+
+def config_differences(made: object, wanted: object, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two configs (plain JSON data) differ."""
+    if isinstance(made, dict) and isinstance(wanted, dict):
+        return [d for key in sorted(set(made) | set(wanted))
+                for d in config_differences(made.get(key), wanted.get(key), f"{prefix}{key}.")]
+    if isinstance(made, (list, tuple)) and isinstance(wanted, (list, tuple)):
+        made, wanted = list(made), list(wanted)
+    return [] if made == wanted else [prefix.rstrip(".")]
+
+
+def weights_root() -> Path:
+    """The folder of results shipped with the book: ``$EDGEFM_WEIGHTS``, else ``weights/``."""
+    if env := os.environ.get(WEIGHTS_ENV):
+        return Path(env).expanduser().resolve()
+    return project_root() / "weights"
+
+
+def shipped_folder(profile: Profile, init: str) -> Path:
+    """Where the detector of the profile's recipe for ``init`` is shipped (it may not be)."""
+    return weights_root() / (f"a-{profile.name}" if init == "mae" else f"a-{init}-{profile.name}")
+
+
+def shipped_detector(profile: Profile, init: str, key: dict, announce: bool) -> Path | None:
+    """The shipped detector for ``init`` (:func:`shipped_folder`) if it was made with exactly ``key``.
+
+    A shipped result that is missing, or whose config differs (another recipe, other data, other
+    MAE weights), is not used: with ``announce`` the reason is printed, and the caller trains."""
+    path = shipped_folder(profile, init)
+    if not (path / WEIGHTS).is_file() or not (path / "config.json").is_file():
+        if announce and profile.shipped:
+            print(f"note: no shipped detector in {path}; training the {init}-init detector here instead")
+        return None
+    made = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    differences = config_differences(made, json.loads(json.dumps(plain(key), default=str)))
+    if differences:
+        if announce:
+            print(f"note: the shipped detector in {path} was made with another config (differs in: "
+                  f"{', '.join(differences)}); training the {init}-init detector here instead")
+        return None
+    return path
+
+
+def finetune_key(profile: Profile, cfg: FinetuneConfig, progress: bool = True) -> tuple[dict, str | None]:
+    """A fine-tuning run's stage key (its config, the data, the backbone and, from MAE, the
+    weights' content), and the MAE weights it starts from (None: random init)."""
+    key: dict = {"finetune": cfg, "data": profile.data, "backbone": profile.pretrain.backbone}
+    if cfg.init != "mae":
+        return key, None
+    from edgefm.pretrain import ensure_pretrained, fingerprint, resolve_weights
+
+    if profile.pretrain.weights:  # named weights: the profile's own (illustrative) run is not needed
+        source = resolve_weights(profile.pretrain.weights)
+    else:
+        source = ensure_pretrained(profile, progress=progress).source
+    key["mae_weights"] = fingerprint(source)
+    return key, source
+
+
 def ensure_finetuned(profile: Profile | str | None = None, init: str | None = None,
-                     label_fraction: float | None = None, progress: bool = True,
-                     **overrides) -> Finetuned:
+                     label_fraction: float | None = None, progress: bool = True, device: str = "auto",
+                     workers: int | None = None, **overrides) -> Finetuned:
     """The profile's detector for an ``init`` and label fraction (default: the profile's), trained
     once and cached; ``overrides`` replace other :class:`FinetuneConfig` fields (``seed``,
-    ``steps``). The key covers the MAE weights' content too when they are used."""
+    ``steps``). The profile's own recipe comes from ``weights/`` when a result made with exactly
+    this config is shipped there. ``device`` and ``workers`` change speed, never the key."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     cfg = replace(profile.finetune, init=init or profile.finetune.init,
                   label_fraction=label_fraction or profile.finetune.label_fraction, **overrides)
-    if cfg.init not in ("mae", "random"):
+    if cfg.init not in INITS:
         raise ValueError(f"unknown init {cfg.init!r}; use 'mae' or 'random'")
     dataset = ensure_dataset(profile)
-    mae_source, key = None, {"finetune": cfg, "data": profile.data, "backbone": profile.pretrain.backbone}
-    if cfg.init == "mae":
-        from edgefm.pretrain import ensure_pretrained
-
-        pretrained = ensure_pretrained(profile, progress=progress)
-        mae_source, key["mae_weights"] = pretrained.source, pretrained.fingerprint
-    target = stage_dir(profile.name, "finetune", key, "edgefm.finetune")
+    key, mae_source = finetune_key(profile, cfg, progress)
     backbone = profile.pretrain.backbone
-    ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress), config=key)
-    saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
-    class_names = json.loads((target / "classes.json").read_text(encoding="utf-8"))
-    return Finetuned(target, cfg, backbone, class_names, TrainState(**saved))
+    own_recipe = cfg == replace(profile.finetune, init=cfg.init)
+    if (shipped := shipped_detector(profile, cfg.init, key, announce=own_recipe)) is not None:
+        return _read_finetuned(shipped, cfg, backbone, shipped=True)
+    target = stage_dir(profile.name, "finetune", key, "edgefm.finetune")
+    ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress, device,
+                                             workers), config=key)
+    return _read_finetuned(target, cfg, backbone, shipped=False)
+
+
+def export_finetuned(trained: Finetuned, out: Path, command: str, device: str) -> Path:
+    """Copy a trained detector to ``out`` as the book ships it: weights (safetensors), the config
+    it was made with (its stage key), class names, loss and validation history, and
+    ``made_by.json``: the command that reproduces it and where it ran."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, "config.json", "classes.json", "train_state.json"):
+        atomic_write_bytes(out / name, (trained.path / name).read_bytes())
+    state = trained.state
+    images = state.step * trained.config.batch_size
+    where = resolve_device(device)
+    if where.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(where)})"
+    atomic_write_json(out / "made_by.json", {
+        "command": command, "device": str(where), "torch": torch.__version__, "steps": state.step,
+        "images_seen": images, "seconds": round(state.seconds, 1),
+        "images_per_second": round(images / max(state.seconds, 1e-9), 1),
+    })
+    return out
 
 
 def load_detector(trained: Finetuned) -> Detector:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from tqdm.auto import tqdm
 
 from edgefm.artifacts import (
     atomic_write_bytes,
@@ -35,13 +33,7 @@ from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
 from edgefm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from edgefm.models.vit import init_mae_embeddings, load_mae, mae_config
-from edgefm.training import (
-    TrainState,
-    batch_indices,
-    cosine_with_warmup,
-    load_checkpoint,
-    save_checkpoint,
-)
+from edgefm.training import Schedule, StepData, TrainState, fit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -95,7 +87,12 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True) -> TrainState:
+def _mae_loss(model, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"total": model(pixel_values=batch).loss}
+
+
+def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True,
+             device: str = "auto") -> TrainState:
     """Pretrain an MAE on the images in ``pool``; checkpoints and results go to ``work``.
 
     If ``work/checkpoint.pt`` exists the run continues from it. At the end the model is saved
@@ -105,32 +102,12 @@ def pretrain(cfg: PretrainConfig, pool: Path, work: Path, progress: bool = True)
     images = ImageFolder(pool, pretrain_transform(cfg.backbone.image_size, cfg.min_crop_scale))
     if len(images) < cfg.batch_size:
         raise DatasetError(f"{pool}: {len(images)} images, fewer than one batch of {cfg.batch_size}")
-    model = build_mae(cfg).train()
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
-    checkpoint = work / "checkpoint.pt"
-    state = TrainState()
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="MAE pretraining", disable=not progress)
-    while state.step < cfg.steps:
-        start = time.perf_counter()
-        indices = batch_indices(state.step, cfg.batch_size, len(images), cfg.seed)
-        batch = torch.stack([images[i] for i in indices])
-        loss = model(pixel_values=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        state.seconds += time.perf_counter() - start
-        state.losses.append(round(loss.item(), 5))
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
-    bar.close()
-    model.save_pretrained(work / "mae")
+    model = build_mae(cfg)
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every)
+    data = StepData(images, cfg.batch_size, cfg.seed, torch.stack)
+    state = fit(model, _optimizer(model, cfg), _mae_loss, data, schedule, work / "checkpoint.pt",
+                device=device, progress=progress, desc="MAE pretraining")
+    model.cpu().save_pretrained(work / "mae")
     params = sum(p.numel() for p in model.vit.parameters())
     atomic_write_json(work / "train_state.json", {"step": state.step, "seconds": state.seconds,
                                                   "losses": state.losses, "params": params})

@@ -11,7 +11,6 @@ eager and FX flows are deprecated; these ops are not.)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
-from tqdm.auto import tqdm
 
 from edgefm.artifacts import atomic_path
 from edgefm.config import QatConfig
-from edgefm.data.coco import CocoDetection, collate
-from edgefm.models.centernet import centernet_loss, centernet_targets
+from edgefm.data.coco import CocoDetection
+from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
-from edgefm.training import TrainState, batch_indices, cosine_with_warmup, load_checkpoint, save_checkpoint
+from edgefm.training import Schedule, StepData, TrainState, fit, step_batches
 
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
@@ -121,48 +119,39 @@ def set_observing(model: nn.Module, observing: bool) -> None:
             module.observing = observing
 
 
-def qat_finetune(model: Detector, train: CocoDetection, image_size: int, cfg: QatConfig, work: Path,
-                 progress: bool = True) -> TrainState:
+def qat_finetune(model: Detector, train: CocoDetection, cfg: QatConfig, work: Path,
+                 progress: bool = True, device: str = "auto") -> TrainState:
     """Fine-tune the wrapped ``model`` for ``cfg.steps`` on ``train``; resumes from ``work``.
 
     The first ``cfg.calibration_batches`` batches only set the input ranges (no update), so
     training starts from sensible scales; the ranges freeze at ``cfg.freeze_fraction`` of the run
-    so the last steps fit the weights to the scales that will be exported.
+    so the last steps fit the weights to the scales that will be exported. The model is left on
+    the CPU.
     """
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    encode = EncodeTargets(model.num_classes, model.stride)
     checkpoint = work / "qat-checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint.exists() else TrainState()
-    out_size = (round(image_size / model.stride),) * 2
-    model.train()
-    if state.step == 0:
+    if not checkpoint.exists():
+        model.train()
+        calibration = StepData(train, cfg.batch_size, cfg.seed + 1, encode)
         with torch.no_grad():
-            for step in range(cfg.calibration_batches):
-                chosen = batch_indices(step, cfg.batch_size, len(train), cfg.seed + 1)
-                model(collate([train[int(i)] for i in chosen])[0])
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="quantization-aware fine-tuning",
-               disable=not progress)
-    while state.step < cfg.steps:
-        set_observing(model, state.step < cfg.freeze_fraction * cfg.steps)
-        start = time.perf_counter()
-        images, targets = collate([train[int(i)] for i in batch_indices(state.step, cfg.batch_size,
-                                                                         len(train), cfg.seed)])
-        encoded = [centernet_targets(t["boxes"], t["labels"], model.num_classes, out_size, model.stride)
-                   for t in targets]
-        loss = centernet_loss(model(images), encoded, model.stride)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        state.seconds += time.perf_counter() - start
-        state.losses.append(round(loss.item(), 5))
-        bar.update()
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
-    bar.close()
+            for images, _ in step_batches(calibration, 0, cfg.calibration_batches):
+                model(images)
+
+    def observe_until_frozen(step: int) -> None:
+        set_observing(model, step < cfg.freeze_fraction * cfg.steps)
+
+    def loss(model: Detector, batch) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return centernet_loss(model(images), targets, model.stride)
+
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every)
+    state = fit(model, optimizer, loss, StepData(train, cfg.batch_size, cfg.seed, encode), schedule,
+                checkpoint, device=device, before_step=observe_until_frozen, mixed_precision=False,
+                progress=progress,
+                desc="quantization-aware fine-tuning")
+    model.cpu()
     return state
 
 

@@ -109,7 +109,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         variants.append(model_a.exported(f"INT8 {recipe.name}", path, "int8"))
     qat_model = prepare_qat(load_detector(trained))
     train = CocoDetection(dataset.train, detection_transforms(size, train=True))
-    qat_state = qat_finetune(qat_model, train, size, settings.qat, work, progress)
+    qat_state = qat_finetune(qat_model, train, settings.qat, work, progress)
     qat_path = export_onnx(freeze(qat_model), work / "a-qat.onnx", size, dynamic_batch=False)
     variants.append(model_a.exported("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
     bench = settings.bench

@@ -12,19 +12,17 @@ the ordinary detection loss on the labels.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from edgefm.config import DistillWeights, StudentTraining
-from edgefm.data.coco import CocoDetection, collate
-from edgefm.models.centernet import centernet_loss, centernet_targets
+from edgefm.data.coco import CocoDetection
+from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
-from edgefm.training import TrainState, batch_indices, cosine_with_warmup, load_checkpoint, save_checkpoint
+from edgefm.training import Schedule, StepData, TrainState, fit
 
 
 def heatmap_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,52 +89,33 @@ class Distiller(nn.Module):
         return (heat, boxes), losses
 
 
-def student_loss(model: Detector | Distiller, images: torch.Tensor,
-                 targets: list[dict]) -> dict[str, torch.Tensor]:
+def student_loss(model: Detector | Distiller, batch: tuple[torch.Tensor, dict]) -> dict[str, torch.Tensor]:
     """The detection loss on the labels, plus the imitation terms when ``model`` is a Distiller."""
+    images, targets = batch
     student = model.student if isinstance(model, Distiller) else model
-    out_size = (round(images.shape[-1] / student.stride),) * 2
-    encoded = [centernet_targets(t["boxes"], t["labels"], student.num_classes, out_size, student.stride)
-               for t in targets]
     if isinstance(model, Distiller):
         outputs, imitation = model(images)
     else:
         outputs, imitation = model(images), {}
-    losses = centernet_loss(outputs, encoded, student.stride)
-    losses.update({f"kd_{name}": value for name, value in imitation.items()})
-    losses["total"] = losses["total"] + sum(imitation.values(), torch.zeros(()))
+    losses = centernet_loss(outputs, targets, student.stride)
+    losses.update({f"kd_{name}": value.float() for name, value in imitation.items()})
+    losses["total"] = losses["total"] + sum(losses[f"kd_{name}"] for name in imitation)
     return losses
 
 
 def train_student(student: Detector, teacher: Detector | None, weights: DistillWeights | None,
                   train: CocoDetection, cfg: StudentTraining, work: Path, seed: int = 0,
-                  progress: bool = True, desc: str = "student") -> TrainState:
+                  progress: bool = True, desc: str = "student", device: str = "auto") -> TrainState:
     """Train ``student`` on ``train`` (distilled from ``teacher`` when ``weights`` is given) for
-    ``cfg.steps``; checkpoints in ``work`` let a killed run continue exactly. Returns the history."""
+    ``cfg.steps``; checkpoints in ``work`` let a killed run continue exactly. Returns the history;
+    the student is left on the CPU, in eval mode."""
     torch.manual_seed(seed)
     model: Detector | Distiller = (Distiller(student, teacher, weights) if weights is not None else student)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
-    checkpoint = work / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint.exists() else TrainState()
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not progress)
-    while state.step < cfg.steps:
-        start = time.perf_counter()
-        chosen = batch_indices(state.step, cfg.batch_size, len(train), seed)
-        images, targets = collate([train[int(i)] for i in chosen])
-        losses = student_loss(model, images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        state.seconds += time.perf_counter() - start
-        state.losses.append(round(losses["total"].item(), 5))
-        bar.update()
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, state)
-    bar.close()
+    data = StepData(train, cfg.batch_size, seed, EncodeTargets(student.num_classes, student.stride))
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every)
+    state = fit(model, optimizer, student_loss, data, schedule, work / "checkpoint.pt", device=device,
+                progress=progress, desc=desc)
+    model.cpu().eval()
     return state

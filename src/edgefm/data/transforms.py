@@ -42,9 +42,13 @@ class Letterbox(torch.nn.Module):
 
 
 def detection_transforms(size: int, train: bool) -> v2.Compose:
-    """The input pipeline: letterbox, (train only) flip and colour jitter, float in [0, 1]."""
+    """The input pipeline: letterbox, (train only) flip and colour jitter, float in [0, 1].
+
+    The jitter leaves hue alone: shifting it cost two thirds of a sample's augmentation time
+    (2.9 of 4.5 ms at 128 px), which made data loading the bottleneck of a GPU run, and the
+    scenes' items are tinted at random anyway."""
     steps: list[torch.nn.Module] = [Letterbox(size)]
     if train:
-        steps += [v2.RandomHorizontalFlip(p=0.5), v2.ColorJitter(0.2, 0.2, 0.2, 0.02)]
+        steps += [v2.RandomHorizontalFlip(p=0.5), v2.ColorJitter(0.2, 0.2, 0.2)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1.0)]
     return v2.Compose(steps)

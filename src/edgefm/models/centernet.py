@@ -90,16 +90,18 @@ def centernet_targets(
     return {"heatmap": heatmap, "box": box_target, "box_weight": box_weight}
 
 
-def cell_centres(out_size: tuple[int, int], stride: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_centres(out_size: tuple[int, int], stride: float,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x and y of every output cell's centre in input pixels, each (h, w)."""
     height, width = out_size
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                            indexing="ij")
     return (xs + 0.5) * stride, (ys + 0.5) * stride
 
 
 def distances_to_boxes(distances: torch.Tensor, stride: float) -> torch.Tensor:
     """(B, 4, h, w) left/top/right/bottom distances -> (B, 4, h, w) XYXY boxes in input pixels."""
-    xs, ys = cell_centres(distances.shape[-2:], stride)
+    xs, ys = cell_centres(distances.shape[-2:], stride, distances.device)
     left, top, right, bottom = distances.unbind(1)
     return torch.stack([xs - left, ys - top, xs + right, ys + bottom], dim=1)
 
@@ -113,18 +115,35 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(pos_loss.sum() + neg_loss.sum()) / positive.sum().clamp(min=1)
 
 
+class EncodeTargets:
+    """A training batch's collate: images stacked, targets encoded by :func:`centernet_targets`
+    and stacked (``heatmap``, ``box``, ``box_weight``). Runs in the data-loading workers, so the
+    encoding's Python loops overlap the model's step."""
+
+    def __init__(self, num_classes: int, stride: float):
+        self.num_classes, self.stride = num_classes, stride
+
+    def __call__(self, samples: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
+        images = torch.stack([torch.as_tensor(image) for image, _ in samples])
+        out_size = (round(images.shape[-2] / self.stride), round(images.shape[-1] / self.stride))
+        encoded = [centernet_targets(t["boxes"], t["labels"], self.num_classes, out_size, self.stride)
+                   for _, t in samples]
+        return images, {key: torch.stack([e[key] for e in encoded]) for key in encoded[0]}
+
+
 def centernet_loss(
-    outputs: tuple[torch.Tensor, torch.Tensor], targets: list[dict[str, torch.Tensor]],
+    outputs: tuple[torch.Tensor, torch.Tensor], targets: dict[str, torch.Tensor],
     stride: float, box_weight: float = 5.0,
 ) -> dict[str, torch.Tensor]:
     """Focal loss on the heatmaps plus TTFNet's weighted GIoU loss on the boxes of every sampled
-    cell; ``total`` is their weighted sum."""
-    heat_logits, distances = outputs
-    heatmap = focal_loss(heat_logits, torch.stack([t["heatmap"] for t in targets]))
-    weights = torch.stack([t["box_weight"] for t in targets])
+    cell; ``total`` is their weighted sum. ``targets`` are a batch's, stacked (:class:`EncodeTargets`).
+    The loss is computed in float32 whatever precision the network ran in."""
+    heat_logits, distances = (output.float() for output in outputs)
+    heatmap = focal_loss(heat_logits, targets["heatmap"])
+    weights = targets["box_weight"]
     chosen = weights > 0
     predicted = distances_to_boxes(distances, stride).permute(0, 2, 3, 1)[chosen]
-    wanted = torch.stack([t["box"] for t in targets]).permute(0, 2, 3, 1)[chosen]
+    wanted = targets["box"].permute(0, 2, 3, 1)[chosen]
     giou = generalized_box_iou_loss(predicted, wanted, reduction="none")
     box = (giou * weights[chosen]).sum() / weights.sum().clamp(min=1e-4)
     return {"total": heatmap + box_weight * box, "heatmap": heatmap, "box": box}
