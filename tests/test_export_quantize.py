@@ -167,3 +167,25 @@ def test_qat_learns_exports_to_qdq_and_matches_in_onnx_runtime(fashion_dir, tmp_
     theirs = onnx_runner(open_session(path))(images.numpy())
     for a, b in zip(ours, theirs, strict=True):  # same rounding; an input on a rounding edge may flip
         assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_qat_weights_cannot_saturate_the_16_bit_pair_sums_of_cpus_without_vnni(tmp_path):
+    """On x86 without VNNI, ONNX Runtime adds pairs of u8 x s8 products in int16; a pair of
+    largest inputs (255) with 8-bit weights overflows it, with the QAT export's weights it cannot."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgefm.qat import WEIGHT_LEVELS, fold_weight_quantizers, freeze, prepare_qat
+
+    assert 2 * 255 * 127 > 32767 and 2 * 255 * WEIGHT_LEVELS <= 32767
+    model = prepare_qat(tiny_detector(num_classes=3))
+    with torch.no_grad():
+        for module in model.modules():  # give the weights outliers, the usual cause of full range
+            if hasattr(module, "weight") and module.weight is not None and module.weight.ndim > 1:
+                module.weight[..., 0] = 10 * module.weight.abs().max()
+        model.train()
+        model(torch.rand(2, 3, 64, 64))  # observe the ranges
+    path = fold_weight_quantizers(export_onnx(freeze(model), tmp_path / "qat.onnx", 64, dynamic_batch=False))
+    weights = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(np.abs(w.astype(int)).max() for w in weights) == WEIGHT_LEVELS

@@ -2,7 +2,8 @@
 
 Every Linear, Conv2d and ConvTranspose2d is wrapped in :class:`FakeQuant`, which rounds its input
 and output to unsigned 8 bits per tensor (scale from a running min/max) and its weight to signed
-8 bits per output channel: the scheme of ONNX Runtime's static QDQ recipe. The rounding uses PyTorch's core
+7 bits per output channel (:data:`WEIGHT_LEVELS`): ONNX Runtime's static QDQ scheme, with
+``reduce_range``'s weights. The rounding uses PyTorch's core
 ``fake_quantize_*`` ops, whose gradient passes straight through; the dynamo exporter lowers them
 to QuantizeLinear/DequantizeLinear, and :func:`fold_weight_quantizers` stores the rounded weights
 as INT8 so the file shrinks and ONNX Runtime runs integer kernels. (``torch.ao.quantization``'s
@@ -28,6 +29,12 @@ from edgefm.models.detector import Detector
 from edgefm.training import Schedule, StepData, TrainState, fit, step_batches
 
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+# Weights are rounded to 7 bits: scaled so the largest magnitude of each channel is 63. ONNX
+# Runtime's u8 x s8 kernels on x86 CPUs without VNNI add pairs of products in 16 bits
+# (vpmaddubsw), which saturates for 8-bit weights (2 x 255 x 127 > 32,767) and computes other
+# outputs than on a VNNI CPU; with |w| <= 63 (2 x 255 x 63 = 32,130) no pair can, so the same
+# file gives the same detections on every x86 CPU. (The INT8 type stays, as the exporter needs.)
+WEIGHT_LEVELS = 63
 
 
 class Rounding(nn.Module):
@@ -75,7 +82,7 @@ class FakeQuant(nn.Module):
         """Symmetric per-output-channel scale of the current weight (no gradient: STE)."""
         weight = self.layer.weight.detach()
         dims = [d for d in range(weight.ndim) if d != self.axis]
-        return (weight.abs().amax(dim=dims).clamp(min=1e-8) / 127).float()
+        return (weight.abs().amax(dim=dims).clamp(min=1e-8) / WEIGHT_LEVELS).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inputs(x)
