@@ -9,13 +9,9 @@ BIN := $(VENV)/bin
 PROFILE ?= default
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-# Each profile builds into its own folder, so each has its own jupyter cache.
+# Each profile builds into its own folder, so each has its own jupyter cache. The book's extension
+# book/_ext/edgefm_cache.py re-executes every chapter after a change to the library or weights/.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
-# jupyter-cache hashes only a notebook's code cells, and Sphinx re-reads only the pages whose source
-# changed: on a change to the library's source or the shipped weights, clear both, so every chapter
-# executes again.
-LIBRARY_HASH = $(shell (find src/edgefm -name '*.py'; find weights -type f 2>/dev/null) | LC_ALL=C sort \
-	| xargs cat | sha256sum | cut -c1-16)
 
 .PHONY: setup system-deps apt-get-fashion-mnist browser apt-get-chromium book book-smoke pdf test lint clean
 
@@ -53,11 +49,6 @@ apt-get-chromium:
 
 # $(1): profile, $(2): extra jupyter-book flags
 define build_book
-	@cache=$(call BUILD_ROOT,$(1))/_build/.jupyter_cache; \
-	if [ -d $$cache ] && [ "$$(cat $$cache/edgefm-library.hash 2>/dev/null)" != "$(LIBRARY_HASH)" ]; then \
-		echo "edgefm library changed: clearing $$cache and the doctrees"; \
-		rm -rf $$cache $(call BUILD_ROOT,$(1))/_build/.doctrees; \
-	fi; mkdir -p $$cache && echo "$(LIBRARY_HASH)" > $$cache/edgefm-library.hash
 	EDGEFM_PROFILE=$(1) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(1)) $(2)
 endef
 
@@ -86,14 +77,14 @@ pdf: setup browser
 test: setup browser
 	$(BIN)/jupyter-book --version | grep -Eq 'Jupyter Book +: +1\.' \
 		|| { echo "jupyter-book must be 1.x"; exit 1; }
-	$(BIN)/ruff check src tests book/_static
+	$(BIN)/ruff check src tests book/_static book/_ext
 	$(BIN)/python -m pytest --ignore=tests/site
 	$(MAKE) book-smoke
 	EDGEFM_SITE=_build/smoke/_build/html EDGEFM_SCREENSHOTS=_build/screenshots \
 		$(BIN)/python -m pytest tests/site
 
 lint: setup
-	$(BIN)/ruff check src tests book/_static
+	$(BIN)/ruff check src tests book/_static book/_ext
 
 clean:
 	rm -rf _build artifacts

@@ -1,0 +1,57 @@
+"""The book's extension re-executes every chapter after a library change, however it is built."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("edgefm_cache", ROOT / "book" / "_ext" / "edgefm_cache.py")
+edgefm_cache = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(edgefm_cache)
+
+
+def tiny_book(root: Path) -> None:
+    """A one-chapter book whose output depends on a library file, not on its own code."""
+    (root / "src" / "edgefm").mkdir(parents=True)
+    (root / "src" / "edgefm" / "answer.py").write_text("ANSWER = 41\n")
+    (root / "_config.yml").write_text(
+        "title: t\nexecute:\n  execute_notebooks: cache\n"
+        f"sphinx:\n  local_extensions:\n    edgefm_cache: {ROOT / 'book' / '_ext'}\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: chapter\n")
+    (root / "chapter.md").write_text(
+        "---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n"
+        "kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n---\n\n# Chapter\n\n"
+        "```{code-cell} ipython3\nexec(open('src/edgefm/answer.py').read())\nprint('answer', ANSWER + 1)\n```\n")
+
+
+def test_hash_covers_library_and_weights_and_a_change_clears_the_cache(tmp_path):
+    tiny_book(tmp_path)
+    before = edgefm_cache.inputs_hash(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.json").write_text("{}")
+    with_weights = edgefm_cache.inputs_hash(tmp_path)
+    assert with_weights != before
+    cache = tmp_path / "cache"
+    assert not edgefm_cache.refresh_cache(cache, with_weights)  # a first build: nothing to clear
+    (cache / "outputs").write_text("old")
+    assert not edgefm_cache.refresh_cache(cache, with_weights) and (cache / "outputs").exists()
+    assert edgefm_cache.refresh_cache(cache, "other") and not (cache / "outputs").exists()
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "jupyter-book").exists(), reason="needs jupyter-book")
+def test_jb_build_alone_reexecutes_after_a_library_change(tmp_path):
+    tiny_book(tmp_path)
+    jb = Path(sys.executable).parent / "jupyter-book"
+
+    def build() -> str:
+        subprocess.run([str(jb), "build", str(tmp_path), "--path-output", str(tmp_path)], check=True,
+                       capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return (tmp_path / "_build" / "html" / "chapter.html").read_text()
+
+    assert "answer 42" in build()
+    (tmp_path / "src" / "edgefm" / "answer.py").write_text("ANSWER = 99\n")
+    assert "answer 100" in build()
