@@ -42,12 +42,34 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(Cfg()) != config_hash(Cfg(lr=0.2))
 
 
-def test_stage_dir_changes_with_config_and_code(monkeypatch):
-    base = stage_dir("smoke", "data", Cfg(), "edgefm.data.scenes")
+def test_stage_dir_changes_with_config_and_version_not_with_code(monkeypatch):
+    base = stage_dir("smoke", "data", Cfg())
     assert base.parent == artifacts_root() / "smoke" / "data"
-    assert stage_dir("smoke", "data", Cfg(steps=4), "edgefm.data.scenes") != base
-    monkeypatch.setattr(artifacts, "code_hash", lambda *m: "edited")
-    assert stage_dir("smoke", "data", Cfg(), "edgefm.data.scenes") != base
+    assert stage_dir("smoke", "data", Cfg(steps=4)) != base
+    assert stage_dir("smoke", "data", Cfg(), code="pennfudan") != base
+    monkeypatch.setattr(artifacts, "code_hash", lambda *m: "moved or reworded")
+    assert stage_dir("smoke", "data", Cfg()) == base
+    versions = artifacts.stage_versions()
+    versions["data"]["version"] += 1
+    monkeypatch.setattr(artifacts, "stage_versions", lambda: versions)
+    assert stage_dir("smoke", "data", Cfg()) != base
+
+
+def test_every_stage_records_the_code_it_runs():
+    stale = artifacts.stale_stage_sources()
+    assert not stale, (
+        f"the code of stage(s) {', '.join(stale)} changed since their version was recorded. If the change "
+        "alters what a stage computes, run `python -m edgefm.artifacts --bump STAGE`; if not (a move, a "
+        "rename, a message), record the new code with `python -m edgefm.artifacts`.")
+
+
+def test_recording_bumps_only_what_is_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "VERSIONS_FILE", tmp_path / "versions.json")
+    first = artifacts.record_stage_sources()
+    assert {e["version"] for e in first.values()} == {1}
+    bumped = artifacts.record_stage_sources(bump=("finetune",))
+    assert bumped["finetune"]["version"] == 2 and bumped["data"]["version"] == 1
+    assert artifacts.stale_stage_sources() == []
 
 
 def test_code_hash_follows_imports(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ def tiny_book(root: Path) -> None:
     (root / "chapter.md").write_text(
         "---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n"
         "kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n---\n\n# Chapter\n\n"
-        "```{code-cell} ipython3\nexec(open('src/edgefm/answer.py').read())\nprint('answer', ANSWER + 1)\n```\n")
+        "```{code-cell} ipython3\nexec(open('src/edgefm/answer.py').read())\n"
+        "print('answer', ANSWER + 1)\n```\n")
 
 
 def test_hash_covers_library_and_weights_and_a_change_clears_the_cache(tmp_path):

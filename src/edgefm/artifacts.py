@@ -1,9 +1,18 @@
 """Where stage results live, how they are keyed, and how they are written safely.
 
-Every stage writes into ``<root>/<profile>/<stage>/<key>/`` where ``key`` hashes the stage's
-config *and* the source of the library modules the stage runs. Editing the code of a stage (or
-anything it imports from ``edgefm``) therefore gives it a new directory instead of silently
-reusing a stale result, while an edit elsewhere in the library keeps hours of training valid.
+Every stage writes into ``<root>/<profile>/<stage>/<key>/``. The key hashes three things: the
+stage's config (the slice of the profile it reads), the keys of the stage results it consumes
+(A's identity, for everything built on A), and the stage's *code version*, a number a person
+bumps when a change to the stage's code changes what it computes. Moving code, renaming,
+rewording a docstring or a model card re-keys nothing, so hours of training stay valid; a change
+that does alter results gets a new folder once its version is bumped.
+
+A forgotten bump is caught, not silent: ``stage_versions.json`` records, beside each version, the
+hash of the code the stage runs (its modules and every ``edgefm`` module they import, docstrings
+and comments left out), and a test fails when that hash moves. Then either bump the stage
+(``python -m edgefm.artifacts --bump STAGE``) or, for a change that computes the same results,
+record the new hash alone (``python -m edgefm.artifacts``).
+
 Everything is written to a temporary name first and renamed into place, so an interrupted run
 never leaves a half-written file where a complete one is expected.
 """
@@ -114,14 +123,6 @@ def _code_only(path: Path) -> str:
     return ast.dump(tree)
 
 
-def library_hash() -> str:
-    """Hash of the whole ``edgefm`` source tree (every ``.py`` file)."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def plain(config: object) -> object:
     """A config as plain JSON-ready data: dataclasses (also inside dicts) become dicts."""
     if dataclasses.is_dataclass(config):
@@ -137,14 +138,53 @@ def config_hash(config: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stage_key(config: object, *modules: str) -> str:
-    """The directory name of a stage result: its config and the code that produced it."""
-    return hashlib.sha256(f"{config_hash(config)}:{code_hash(*modules)}".encode()).hexdigest()[:12]
+# The code each stage runs, by the name its version is recorded under.
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "data": ("edgefm.data.scenes",),
+    "pennfudan": ("edgefm.data.pennfudan",),
+    "pretrain": ("edgefm.pretrain",),
+    "finetune": ("edgefm.finetune",),
+    "students": ("edgefm.compress.distill", "edgefm.compress.students"),
+    "smaller": ("edgefm.smaller",),
+    "quantization": ("edgefm.quantization",),
+    "deployment": ("edgefm.deploy", "edgefm.runtime"),
+}
+VERSIONS_FILE = PACKAGE_DIR / "stage_versions.json"
 
 
-def stage_dir(profile: str, stage: str, config: object, *modules: str) -> Path:
-    """``<root>/<profile>/<stage>/<key>``; the directory is not created."""
-    return artifacts_root() / profile / stage / stage_key(config, *modules)
+def stage_versions() -> dict[str, dict]:
+    """``{stage: {"version": int, "source": code hash}}`` as recorded in ``stage_versions.json``."""
+    return json.loads(VERSIONS_FILE.read_text(encoding="utf-8"))
+
+
+def stale_stage_sources() -> list[str]:
+    """The stages whose code changed since their version was recorded (see the module docstring)."""
+    recorded = stage_versions()
+    return [stage for stage, modules in STAGE_MODULES.items()
+            if recorded.get(stage, {}).get("source") != code_hash(*modules)]
+
+
+def record_stage_sources(bump: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Record every stage's current code hash, bumping the versions of the stages in ``bump``."""
+    recorded = stage_versions() if VERSIONS_FILE.is_file() else {}
+    for stage, modules in STAGE_MODULES.items():
+        version = recorded.get(stage, {}).get("version", 1) + (stage in bump)
+        recorded[stage] = {"version": version, "source": code_hash(*modules)}
+    atomic_write_json(VERSIONS_FILE, recorded)
+    return recorded
+
+
+def stage_key(stage: str, config: object) -> str:
+    """The directory name of a stage result: its config (with the keys of what it consumes) and
+    its code version."""
+    version = stage_versions()[stage]["version"]
+    return hashlib.sha256(f"{config_hash(config)}:{stage}:v{version}".encode()).hexdigest()[:12]
+
+
+def stage_dir(profile: str, stage: str, config: object, code: str | None = None) -> Path:
+    """``<root>/<profile>/<stage>/<key>``; ``code`` names the versioned code when it is not
+    ``stage`` (two sources of one stage). The directory is not created."""
+    return artifacts_root() / profile / stage / stage_key(code or stage, config)
 
 
 def ensure_dir(target: Path, build: Callable[[Path], None], config: object = None) -> Path:
@@ -217,3 +257,13 @@ def read_metrics(profile: str, stage: str) -> dict:
             f"{path}: no metrics for stage {stage!r} in profile {profile!r}; run that stage first"
         )
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":  # python -m edgefm.artifacts [--bump STAGE ...]: record the stages' code
+    import argparse
+
+    parser = argparse.ArgumentParser(description="record each stage's code hash in stage_versions.json")
+    parser.add_argument("--bump", nargs="*", default=[], choices=sorted(STAGE_MODULES),
+                        help="stages whose change alters their results: their version goes up by one")
+    for stage, entry in record_stage_sources(tuple(parser.parse_args().bump)).items():
+        print(f"{stage:13s} v{entry['version']}  {entry['source']}")

@@ -297,9 +297,9 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     """
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
-    key = {"quantize": profile.quantize, "smaller": profile.smaller, "model_a": trained.path.name,
+    key = {"quantize": profile.quantize, "smaller": profile.smaller, "model_a": trained.identity,
            "data": profile.data, "agreement_images": profile.agreement_images}
-    target = stage_dir(profile.name, "deployment", key, "edgefm.deploy", "edgefm.runtime")
+    target = stage_dir(profile.name, "deployment", key)
     ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
     results = json.loads((target / "results.json").read_text(encoding="utf-8"))
     results.update(folder=str(target), bundle_folder=str(target / "bundle"))

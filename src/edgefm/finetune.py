@@ -141,6 +141,16 @@ class Finetuned:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def identity(self) -> str:
+        """What results built on this detector are keyed by: its stage key, or for a shipped one
+        its weights' hash (a folder name would survive new weights)."""
+        if not self.shipped:
+            return self.path.name
+        from edgefm.pretrain import fingerprint
+
+        return f"shipped-{fingerprint(str(self.path))[:12]}"
+
 
 def _read_finetuned(path: Path, cfg: FinetuneConfig, backbone: BackboneConfig, shipped: bool) -> Finetuned:
     saved = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
@@ -224,7 +234,7 @@ def ensure_finetuned(profile: Profile | str | None = None, init: str | None = No
     own_recipe = cfg == replace(profile.finetune, init=cfg.init)
     if (shipped := shipped_detector(profile, cfg.init, key, announce=own_recipe)) is not None:
         return _read_finetuned(shipped, cfg, backbone, shipped=True)
-    target = stage_dir(profile.name, "finetune", key, "edgefm.finetune")
+    target = stage_dir(profile.name, "finetune", key)
     ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress, device,
                                              workers), config=key)
     return _read_finetuned(target, cfg, backbone, shipped=False)

@@ -167,7 +167,7 @@ def _own_run(profile: Profile, progress: bool) -> tuple[Path, dict]:
     cfg = profile.pretrain
     pool = ensure_dataset(profile).pool
     key = {"pretrain": replace(cfg, weights=None), "data": profile.data}  # other images, other weights
-    target = stage_dir(profile.name, "pretrain", key, "edgefm.pretrain")
+    target = stage_dir(profile.name, "pretrain", key)
     ensure_dir(target, lambda work: pretrain(cfg, pool, work, progress), config=key)
     saved = json.loads((target / "train_state.json").read_text(encoding="utf-8"))
     state = TrainState(saved["step"], saved["seconds"], saved["losses"])

@@ -140,8 +140,8 @@ def ensure_quantization(profile: Profile | str | None = None, progress: bool = T
     """Build (or load) every variant of A and its benchmark; write ``metrics/quantization.json``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
-    key = {"quantize": profile.quantize, "model_a": trained.path.name, "data": profile.data}
-    target = stage_dir(profile.name, "quantization", key, "edgefm.quantization")
+    key = {"quantize": profile.quantize, "model_a": trained.identity, "data": profile.data}
+    target = stage_dir(profile.name, "quantization", key)
     ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
     results = json.loads((target / "results.json").read_text(encoding="utf-8"))
     results["folder"] = str(target)

@@ -76,7 +76,7 @@ class Candidates:
             from edgefm.pretrain import ensure_pretrained
 
             self.mae_source = ensure_pretrained(profile, progress=progress).source
-        self.profile, self.progress, self.model_a = profile, progress, trained.path.name
+        self.profile, self.progress, self.model_a = profile, progress, trained.identity
 
     def build(self, spec: StudentConfig) -> Detector:
         return build_student(spec, self.teacher, self.detector, self.backbone, self.mae_source)
@@ -86,8 +86,7 @@ class Candidates:
         code that trains it, so every study, trial and rebuild that asks for it shares one run."""
         key = {"student": replace(spec, name=""), "training": training, "model_a": self.model_a,
                "data": self.profile.data}
-        return stage_dir(self.profile.name, "students", key, "edgefm.compress.distill",
-                         "edgefm.compress.students")
+        return stage_dir(self.profile.name, "students", key)
 
     def trained(self, spec: StudentConfig, training: StudentTraining) -> tuple[Detector, TrainState]:
         """The candidate after ``training``, trained now unless an earlier run left it."""
@@ -124,10 +123,11 @@ def distillation_pairs(specs: tuple[StudentConfig, ...]) -> list[list[str]]:
 
 def study_name(profile: Profile, model_a: str) -> str:
     """The search's name in its storage: trials are shared only by searches of the same A, the
-    same choices and the same comparison budget."""
+    same choices, the same comparison budget and the same way of timing them."""
     settings = profile.smaller
     key = config_hash({"search": settings.search, "start": settings.search_start, "compare": settings.compare,
-                       "model_a": model_a, "data": profile.data})
+                       "model_a": model_a, "data": profile.data, "timing": settings.bench,
+                       "timed_runs": settings.search_runs})
     return f"model-b-{profile.name}-{key[:12]}"
 
 
@@ -223,8 +223,8 @@ def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) 
     """Build (or load) the study and model B; write ``metrics/smaller.json``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
-    key = {"smaller": profile.smaller, "model_a": trained.path.name, "data": profile.data}
-    target = stage_dir(profile.name, "smaller", key, "edgefm.smaller")
+    key = {"smaller": profile.smaller, "model_a": trained.identity, "data": profile.data}
+    target = stage_dir(profile.name, "smaller", key)
     ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
     results = json.loads((target / "results.json").read_text(encoding="utf-8"))
     records = results["bench"]["variants"]

@@ -40,7 +40,7 @@ class DetectionDataset:
 
 def _scenes(profile: Profile) -> DetectionDataset:
     cfg = profile.data
-    root = stage_dir(profile.name, "data", cfg, "edgefm.data.scenes")
+    root = stage_dir(profile.name, "data", cfg)
     ensure_dir(root, lambda tmp: scenes.build_scenes(tmp, cfg), config=cfg)
 
     def split(name: str) -> CocoSplit:
@@ -58,7 +58,7 @@ def _pennfudan(profile: Profile) -> DetectionDataset:
                 f"folder, or {DOWNLOAD_ENV}=1 to download it (needs a network)"
             )
         source = pennfudan.download(source.parent)
-    root = stage_dir(profile.name, "data", {"source": str(source)}, "edgefm.data.pennfudan")
+    root = stage_dir(profile.name, "data", {"source": str(source)}, code="pennfudan")
     ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp))
     return DetectionDataset(root, CocoSplit(root / "train" / "instances.json", source / "PNGImages"),
                             CocoSplit(root / "eval" / "instances.json", source / "PNGImages"))
