@@ -7,17 +7,27 @@ writes; its bundle.json says how to feed the model and read its outputs.
     python examples/predict.py path/to/bundle image.jpg [more.jpg ...] [--threshold 0.3]
 
 Prints one line per detection: image, class, score and box (x0 y0 x1 y1, the image's pixels).
+A bad bundle stops it with one line (exit status 2); an unreadable image is reported and skipped
+(exit status 1 at the end).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# What bundle.json may leave out, as edgefm's own reader fills it in.
+DEFAULTS = {"pad_value": 114, "max_detections": 100, "ort_model": None}
+
+
+class BadInput(Exception):
+    """Something the user gave cannot be used; the message names it."""
 
 
 def letterbox(image: Image.Image, size: int, fill: int) -> tuple[np.ndarray, float]:
@@ -60,23 +70,64 @@ def detect(session: ort.InferenceSession, bundle: dict, image: Image.Image, thre
     return found
 
 
-def main() -> None:
+def open_bundle(folder: Path, use_ort: bool) -> tuple[ort.InferenceSession, dict]:
+    """The bundle's model in ONNX Runtime and its bundle.json, checked."""
+    path = folder / "bundle.json"
+    try:
+        bundle = {**DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError) as error:
+        raise BadInput(f"{path}: cannot read the bundle ({error})") from None
+    missing = [k for k in ("model", "class_names", "image_size", "stride") if k not in bundle]
+    if missing:
+        raise BadInput(f"{path}: missing {', '.join(missing)}")
+    model = bundle["ort_model"] if use_ort else bundle["model"]
+    if model is None:
+        raise BadInput(f"{path}: the bundle has no .ort model")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    try:
+        session = ort.InferenceSession(str(folder / model), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime raises its own types
+        raise BadInput(f"{folder / model}: ONNX Runtime cannot load it ({error})") from None
+    if len(session.get_outputs()) != 2:
+        outputs = len(session.get_outputs())
+        raise BadInput(f"{folder / model}: not a detector (it has {outputs} outputs, not 2)")
+    return session, bundle
+
+
+def read_image(path: Path) -> Image.Image:
+    """The image as RGB in its displayed orientation (EXIF's)."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise BadInput(f"{path}: cannot read image ({error})") from None
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, help="the folder written by `edgefm compress`")
     parser.add_argument("images", type=Path, nargs="+")
     parser.add_argument("--threshold", type=float, default=0.3, help="lowest score printed")
     parser.add_argument("--ort", action="store_true", help="load the .ort model instead of the .onnx one")
     args = parser.parse_args()
-    bundle = json.loads((args.bundle / "bundle.json").read_text(encoding="utf-8"))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    model = bundle["ort_model"] if args.ort else bundle["model"]
-    session = ort.InferenceSession(str(args.bundle / model), options, providers=["CPUExecutionProvider"])
+    try:
+        session, bundle = open_bundle(args.bundle, args.ort)
+    except BadInput as error:
+        print(f"predict.py: error: {error}", file=sys.stderr)
+        return 2
+    failed = 0
     for path in args.images:
-        with Image.open(path) as image:
-            for name, score, box in detect(session, bundle, image, args.threshold):
-                print(f"{path}\t{name}\t{score:.3f}\t" + " ".join(f"{v:.1f}" for v in box))
+        try:
+            image = read_image(path)
+        except BadInput as error:
+            print(f"predict.py: skipped: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        for name, score, box in detect(session, bundle, image, args.threshold):
+            print(f"{path}\t{name}\t{score:.3f}\t" + " ".join(f"{v:.1f}" for v in box))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

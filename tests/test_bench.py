@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from PIL import Image
 
 from edgefm.bench import Variant, benchmark, block_times, count_flops, latencies, machine, peak_memory
 from edgefm.cli import main
@@ -110,6 +111,7 @@ def test_export_and_bench_cli_in_smoke(fashion_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "A (PyTorch FP32)" in printed and "a.onnx" in printed
     assert (tmp_path / "bench.json").is_file()
-    assert main(["--profile", "smoke", "predict", str(fashion_dir / "unused.png"), "--init", "random",
+    Image.new("RGB", (40, 30)).save(tmp_path / "scene.png")
+    assert main(["--profile", "smoke", "predict", str(tmp_path / "scene.png"), "--init", "random",
                  "--onnx", str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx: no such ONNX model" in capsys.readouterr().err

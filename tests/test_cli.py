@@ -53,11 +53,22 @@ def test_train_eval_predict_in_smoke(fashion_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "scene.png").stat().st_size > 1000
 
 
-def test_predict_names_a_corrupt_image(fashion_dir, tmp_path, capsys):
+def test_predict_names_a_corrupt_image_and_keeps_going(fashion_dir, tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert main(["--profile", "smoke", "predict", str(tmp_path / "bad.jpg"), "--init", "random",
-                 "--out", str(tmp_path / "out")]) == 2
+    for folder in ("a", "b"):  # two good images with the same name
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (90, 60), (40, 90, 160)).save(tmp_path / folder / "scene.jpg")
+    images = [str(tmp_path / "a" / "scene.jpg"), str(tmp_path / "bad.jpg"), str(tmp_path / "b" / "scene.jpg")]
+    assert main(["--profile", "smoke", "predict", *images, "--init", "random", "--batch-size", "2",
+                 "--out", str(tmp_path / "out"), "--json", str(tmp_path / "found.json")]) == 1
     assert "bad.jpg: cannot read image" in capsys.readouterr().err
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert [r["image"] for r in found["images"]] == [images[0], images[2]]
+    assert [f["image"] for f in found["failed"]] == [images[1]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene-2.png", "scene.png"]
+    assert main(["--profile", "smoke", "predict", str(tmp_path / "bad.jpg"), "--init", "random",
+                 "--out", str(tmp_path / "none")]) == 1
+    assert not (tmp_path / "none").exists()  # nothing drawn, no folder left behind
 
 
 def test_pretrain_exports_weights_that_load_like_a_hub_id(fashion_dir, isolated_artifacts, tmp_path, capsys):

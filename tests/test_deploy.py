@@ -37,17 +37,23 @@ def photos(count=3, seed=0):
     return [Image.fromarray(rng.integers(0, 255, (*shapes[i % 4], 3), dtype=np.uint8)) for i in range(count)]
 
 
+def tiny_bundle(folder: Path, model=None) -> Path:
+    """``folder``: a bundle of a tiny random detector exported in FP32 (one-file model)."""
+    import onnx
+
+    model = model or tiny_detector(num_classes=3, image_size=64).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(model, folder.parent / f"{folder.name}.onnx", 64)
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)
+    write_bundle(folder, path, CLASSES, DetectorConfig(image_size=64), model.stride, name="tiny")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A tiny random detector exported in FP32, bundled: its outputs must equal PyTorch's."""
     model = tiny_detector(num_classes=3, image_size=64).eval()
-    folder = tmp_path_factory.mktemp("bundle")
-    path = export_onnx(model, folder.parent / "tiny.onnx", 64)
-    import onnx
-
-    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)  # one-file model
-    write_bundle(folder / "bundle", path, CLASSES, DetectorConfig(image_size=64), model.stride, name="tiny")
-    return model, folder / "bundle"
+    return model, tiny_bundle(tmp_path_factory.mktemp("bundle") / "bundle", model)
 
 
 def test_pillow_letterbox_matches_the_training_letterbox():
@@ -148,14 +154,14 @@ def test_predict_with_a_bundle_never_imports_torch(bundle, tmp_path):
                     "--out", tmp_path / "drawn", "--json", tmp_path / "found.json")
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stdout
-    records = json.loads((tmp_path / "found.json").read_text())
+    records = json.loads((tmp_path / "found.json").read_text())["images"]
     assert [r["image"] for r in records] == [str(f) for f in files]
     expected = EdgeDetector(folder).detect([Image.open(f) for f in files], score_threshold=0.0)
     assert [len(r["detections"]) for r in records] == [len(e["scores"]) for e in expected]
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f.name for f in files]
     (tmp_path / "bad.jpg").write_bytes(b"junk")
     failed = _predict("--model", folder, tmp_path / "bad.jpg")
-    assert failed.returncode == 2 and "bad.jpg: cannot read image" in failed.stderr
+    assert failed.returncode == 1 and "bad.jpg: cannot read image" in failed.stderr
     assert "Traceback" not in failed.stderr and "torch imported: False" in failed.stdout
 
 

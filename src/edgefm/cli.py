@@ -28,13 +28,12 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> None:
     from edgefm.data import validate_coco
-    from edgefm.data.coco import read_image
     from edgefm.data.scenes import coco_summary
+    from edgefm.errors import InputError
 
-    coco = validate_coco(args.annotations, args.images)
-    if args.read_images:
-        for image in coco["images"]:
-            read_image(args.images / image["file_name"])
+    if not args.images.is_dir():
+        raise InputError(f"{args.images}: no such image folder")
+    validate_coco(args.annotations, args.images, read_images=args.read_images)
     summary = coco_summary(args.annotations)
     print(f"{args.annotations}: valid, {summary['images']} images, {summary['objects']} objects")
     print(json.dumps({"per_class": summary["per_class"], "per_size": summary["per_size"]}, indent=2))
@@ -145,6 +144,8 @@ def _profile_model(args: argparse.Namespace):
     from edgefm.finetune import load_detector, torch_runner
     from edgefm.runtime import BundleSpec, onnx_runner, open_session
 
+    if args.onnx:
+        open_session(args.onnx)  # a missing or corrupt file fails now, before A is loaded or trained
     trained = _trained(args)
     model, cfg = load_detector(trained), trained.config.detector
     run = onnx_runner(open_session(args.onnx, threads=args.threads)) if args.onnx else torch_runner(model)
@@ -153,22 +154,56 @@ def _profile_model(args: argparse.Namespace):
     return run, spec
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def _check_images(paths: list[Path]) -> None:
+    """Before any model is loaded or trained: every image argument names a file."""
+    from edgefm.errors import ImageError
+
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ImageError(f"no such image file: {', '.join(missing)}")
+
+
+def _drawing_names(paths: list[Path]) -> list[str]:
+    """A distinct file name for each input's drawing: its stem, numbered when stems repeat."""
+    names, used = [], set()
+    for path in paths:
+        name, n = f"{path.stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from edgefm.artifacts import atomic_path, atomic_write_json
+    from edgefm.errors import InputError
     from edgefm.images import draw_detections, read_image
     from edgefm.runtime import EdgeDetector, detect
 
+    _check_images(args.images)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise InputError(f"{args.json}: its folder {args.json.parent} does not exist")
     if args.model is not None:  # the deployed path: ONNX Runtime, NumPy and Pillow, no PyTorch
         detector = EdgeDetector(args.model, threads=args.threads, use_ort_format=args.ort)
         run, spec = detector.run, detector.spec
     else:
         run, spec = _profile_model(args)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, failures = [], []
+    drawings = dict(zip(args.images, _drawing_names(args.images), strict=True))
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
-        images = [read_image(path) for path in paths]
-        for path, image, found in zip(paths, images, detect(run, images, spec, args.threshold), strict=True):
+        batch = []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                batch.append((path, read_image(path)))
+            except InputError as error:  # one bad image costs only itself
+                failures.append({"image": str(path), "error": str(error)})
+                print(f"{path}: FAILED: {error}", file=sys.stderr)
+        if not batch:
+            continue
+        found_all = detect(run, [image for _, image in batch], spec, args.threshold)
+        for (path, image), found in zip(batch, found_all, strict=True):
             records.append({"image": str(path), "detections": [
                 {"name": name, "label": int(label), "score": round(float(score), 4),
                  "box": [round(float(v), 2) for v in box]}
@@ -176,13 +211,18 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                                                    found["boxes"], strict=True)]})
             line = f"{path}: {len(found['boxes'])} detections"
             if args.out is not None:
-                drawn = args.out / f"{path.stem}.png"
-                draw_detections(image, found, spec.class_names).save(drawn)
+                drawn = args.out / drawings[path]
+                with atomic_path(drawn) as tmp:  # a drawing appears whole or not at all
+                    draw_detections(image, found, spec.class_names).save(tmp, format="PNG")
                 line += f" -> {drawn}"
             print(line)
     if args.json is not None:
-        args.json.write_text(json.dumps(records), encoding="utf-8")
+        atomic_write_json(args.json, {"images": records, "failed": failures})
         print(f"detections: {args.json}")
+    if failures:
+        print(f"{len(failures)} of {len(args.images)} images failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -213,11 +253,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from edgefm.finetune import load_detector
 
     profile = load_profile(args.profile)
+    for path in args.models:
+        open_session(path)  # a missing or corrupt file fails now, before A is loaded or trained
     trained = _trained(args, profile)
     model, cfg = load_detector(trained), trained.config.detector
     variants = [module_variant(model, cfg.image_size)]
     for path in args.models:
-        open_session(path)  # a missing or corrupt file fails here, before anything is timed
         precision = "int8" if any("Quantize" in op or "Integer" in op for op in op_counts(path)) else "fp32"
         variants.append(variants[0].exported(path.name, path, precision))
     settings = profile.quantize.bench
@@ -272,6 +313,43 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     print(f"C: {results['recipe']} of B; bundle: {bundle}")
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+def _score(text: str) -> float:
+    """An argparse type: a score threshold in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefm",
@@ -298,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_choice(command: argparse.ArgumentParser) -> None:
         command.add_argument("--init", choices=("mae", "random"), default=None,
                              help="backbone initialisation (default: the profile's, mae)")
-        command.add_argument("--fraction", type=float, default=None,
+        command.add_argument("--fraction", type=_fraction, default=None,
                              help="fraction of the labelled train scenes (default: all)")
         command.add_argument("--set", action="append", metavar="FIELD=VALUE",
                              help="change one field of the profile's fine-tuning recipe, e.g. "
@@ -308,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--device", choices=DEVICES, default="auto",
                              help="where to train and evaluate (default: auto, a GPU if there is one); "
                              "never part of a result's key")
-        command.add_argument("--workers", type=int, default=None, help="data-loading processes "
+        command.add_argument("--workers", type=_at_least(0), default=None, help="data-loading processes "
                              "(default: 0 on the CPU, up to 6 on a GPU)")
 
     train = commands.add_parser("train", help="fine-tune the detector (cached; resumes if interrupted)")
@@ -318,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(weights, config, history, the command) to this folder")
     train.add_argument("--record", type=Path, default=None, help="write the run's record (config, val "
                        "curve, eval mAP with its interval) as JSON to this file")
-    train.add_argument("--bootstrap", type=int, default=1000, help="resamples of the eval images for "
+    train.add_argument("--bootstrap", type=_at_least(0), default=1000,
+                       help="resamples of the eval images for "
                        "the interval in --record (default: 1000)")
     train.set_defaults(run=_cmd_train)
 
@@ -326,15 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with a 95 %% bootstrap interval over the eval images")
     model_choice(evaluate)
     device_choice(evaluate)
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: 1000)")
+    evaluate.add_argument("--bootstrap", type=_at_least(1), default=1000, help="resamples (default: 1000)")
     evaluate.set_defaults(run=_cmd_eval)
 
     long_runs = commands.add_parser(
         "long-runs", help="train the feasibility study's runs too long for the build (A, its random "
         "twin, more seeds, shorter schedules, label fractions) in parallel, and ship them to weights/")
     long_runs.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
-    long_runs.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
-    long_runs.add_argument("--workers", type=int, default=None, help="data-loading processes per run")
+    long_runs.add_argument("--parallel", type=_at_least(1), default=1, help="runs at a time (default: 1)")
+    long_runs.add_argument("--workers", type=_at_least(0), default=None,
+                           help="data-loading processes per run")
     long_runs.add_argument("--out", type=Path, default=None,
                            help="where the shipped folders go (default: $EDGEFM_WEIGHTS, else weights/)")
     long_runs.add_argument("--only", nargs="*", default=None, metavar="RUN",
@@ -353,9 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions"),
                          help="folder for the drawn images (default: predictions)")
     predict.add_argument("--json", type=Path, default=None, help="also write every detection to this file")
-    predict.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
-    predict.add_argument("--batch-size", type=int, default=8, help="images per model run")
-    predict.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    predict.add_argument("--threshold", type=_score, default=0.3, help="lowest score kept")
+    predict.add_argument("--batch-size", type=_at_least(1), default=8, help="images per model run")
+    predict.add_argument("--threads", type=_at_least(1), default=2, help="ONNX Runtime threads")
     model_choice(predict)
     predict.set_defaults(run=_cmd_predict)
 
@@ -367,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure mAP, latency, size and memory of the detector "
                                 "(PyTorch, the reference) and of ONNX models, in one run")
     bench.add_argument("models", type=Path, nargs="*", help="ONNX files to compare with the detector")
-    bench.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 2)")
-    bench.add_argument("--runs", type=int, default=None,
+    bench.add_argument("--threads", type=_at_least(1), nargs="+", default=None,
+                       help="thread counts (default: 1 2)")
+    bench.add_argument("--runs", type=_at_least(1), default=None,
                        help="timed runs per variant (default: the profile's)")
     bench.add_argument("--no-accuracy", action="store_true", help="skip the mAP on the eval scenes")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -385,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     smaller.add_argument("--storage", default=None, help="optuna storage URL for the search, e.g. "
                          "postgresql://host/db: processes given the same URL share the trials "
                          "(default: SQLite in the stage folder)")
-    smaller.add_argument("--trials", type=int, default=None, help="finished trials the search needs "
+    smaller.add_argument("--trials", type=_at_least(1), default=None, help="finished trials the search needs "
                          "(default: the profile's)")
     smaller.set_defaults(run=_cmd_smaller)
 
@@ -403,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     fudan = commands.add_parser("pennfudan", help="convert the Penn-Fudan pedestrians to COCO format")
     fudan.add_argument("root", type=Path, help="the unpacked PennFudanPed folder")
     fudan.add_argument("--out", type=Path, required=True, help="where to write {train,eval}/instances.json")
-    fudan.add_argument("--eval-count", type=int, default=50, help="images held out for eval (the last ones)")
+    fudan.add_argument("--eval-count", type=_at_least(1), default=50,
+                       help="images held out for eval (the last ones)")
     fudan.add_argument("--download", action="store_true", help="download Penn-Fudan first (needs a network)")
     fudan.set_defaults(run=_cmd_pennfudan)
     return parser
@@ -412,15 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    run: Callable[[argparse.Namespace], int | None] = args.run
     from edgefm.errors import InputError
 
     try:
-        run(args)
+        status = run(args)
     except InputError as error:
         print(f"edgefm: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from edgefm.config import DetectorConfig
-from edgefm.data.coco import CocoDetection, CocoSplit, collate
+from edgefm.data.coco import CocoDetection, CocoSplit, collate, validate_coco
 from edgefm.data.transforms import detection_transforms
 from edgefm.decode import decode
 from edgefm.runtime import RunModel
@@ -45,7 +45,9 @@ def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0) ->
     images (:func:`bootstrap_map`).
     """
     with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(annotations))
+        truth = COCO()
+        truth.dataset = validate_coco(annotations)  # checked, and an ``area`` for every object
+        truth.createIndex()
         if not results:
             return {**_empty(truth), **({"map_ci": [0.0, 0.0]} if bootstrap else {})}
         evaluation = COCOeval(truth, truth.loadRes(results), "bbox")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from edgefm.errors import ImageError
 
@@ -22,10 +22,11 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 
 
 def read_image(path: Path | str) -> Image.Image:
-    """Open an image as RGB, failing with its path if it is missing or not a readable image."""
+    """Open an image as RGB in its displayed orientation (EXIF's, as a phone photo is shown),
+    failing with its path if it is missing or not a readable image."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:

@@ -106,6 +106,32 @@ class BundleSpec:
     format: str = BUNDLE_FORMAT
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each field of bundle.json must hold, and how to say it.
+_FIELD_CHECKS = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a file name"),
+    "ort_model": (lambda v: v is None or (isinstance(v, str) and v != ""), "a file name or null"),
+    "class_names": (lambda v: isinstance(v, list) and v != [] and all(isinstance(n, str) for n in v),
+                    "a non-empty list of names"),
+    "image_size": (lambda v: _whole(v) and v > 0, "a positive integer"),
+    "stride": (lambda v: _number(v) and v > 0, "a positive number"),
+    "pad_value": (lambda v: _whole(v) and 0 <= v <= 255, "an integer in 0..255"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v)), "3 numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(_number(x) and x > 0 for x in v),
+            "3 positive numbers"),
+    "max_detections": (lambda v: _whole(v) and v > 0, "a positive integer"),
+    "score_threshold": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def read_bundle(folder: Path | str) -> BundleSpec:
     """The :class:`BundleSpec` of a bundle folder, checked: its files exist and it is our format."""
     folder = Path(folder)
@@ -125,6 +151,9 @@ def read_bundle(folder: Path | str) -> BundleSpec:
     missing = sorted({"model", "class_names", "image_size", "stride"} - set(record))
     if missing:
         raise BundleError(f"{path}: missing {', '.join(missing)}")
+    for name, value in record.items():
+        if name in _FIELD_CHECKS and not _FIELD_CHECKS[name][0](value):
+            raise BundleError(f"{path}: {name} must be {_FIELD_CHECKS[name][1]}, got {value!r}")
     spec = BundleSpec(**{k: v for k, v in record.items() if k in known})
     for name in (spec.model, spec.ort_model):
         if name is not None and not (folder / name).is_file():
@@ -152,7 +181,14 @@ class EdgeDetector:
     def _check(self, session: ort.InferenceSession) -> None:
         """Fail now, naming the file, if the model does not fit what bundle.json says."""
         size, classes = self.spec.image_size, len(self.spec.class_names)
-        shape, channels = list(session.get_inputs()[0].shape[1:]), session.get_outputs()[0].shape[1]
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 2:
+            raise BundleError(f"{self.path}: the model has {len(inputs)} inputs and {len(outputs)} outputs; "
+                              "a detector has 1 (images) and 2 (heatmap logits, box distances)")
+        if isinstance(outputs[1].shape[1], int) and outputs[1].shape[1] != 4:
+            raise BundleError(f"{self.path}: the second output has {outputs[1].shape[1]} channels, not the "
+                              "4 box distances")
+        shape, channels = list(inputs[0].shape[1:]), outputs[0].shape[1]
         if shape != [3, size, size]:
             raise BundleError(f"{self.path}: the model takes {shape} images, but "
                               f"{self.folder / BUNDLE_FILE} says {size} px")

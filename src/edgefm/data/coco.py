@@ -9,6 +9,7 @@ an unreadable image fails with its path. Samples come out as torchvision ``tv_te
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,17 @@ _BOX_TOLERANCE = 0.5  # pixels; float boxes from converters may graze the border
 
 
 def _load_json(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; give the annotation file (e.g. {path / 'instances.json'})")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from error
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read it ({error.strerror})") from error
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: top level must be a JSON object")
     for key in ("images", "annotations", "categories"):
@@ -47,46 +53,92 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def validate_coco(path: Path, images_dir: Path | None = None) -> dict:
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _record(path: Path, kind: str, position: int, record: object, fields: dict[str, type]) -> dict:
+    """Check one record is an object with ``fields`` of the right types; returns it."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path}: {kind} #{position} is {type(record).__name__}, not an object")
+    for name, wanted in fields.items():
+        where = f"{path}: {kind} {record.get('id', f'#{position}')}"
+        if name not in record:
+            raise DatasetError(f"{where} has no {name!r}")
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else wanted):
+            kind = "a number" if wanted is float else wanted.__name__
+            raise DatasetError(f"{where}: {name} must be {kind}, got {value!r}")
+    return record
+
+
+def validate_coco(path: Path, images_dir: Path | None = None, read_images: bool = False) -> dict:
     """Load and check a COCO detection file; returns it. Raises :class:`DatasetError`.
 
-    Checks: required keys, unique ids, every annotation's image and category exist, boxes have
-    positive size and lie inside their image, and (with ``images_dir``) every image file exists.
+    Checks: every record is an object with the fields and types it needs, ids are unique, every
+    annotation's image and category exist, boxes have positive size and lie inside their image,
+    and (with ``images_dir``) every image file exists; with ``read_images`` every image is also
+    decoded (in its displayed orientation) and its size compared with the record's. An annotation
+    without ``area`` gets its box's area (as pycocotools does for detections), without ``iscrowd``
+    0. What this accepts, training and evaluation accept.
     """
     data = _load_json(path)
-    try:
-        images = {int(im["id"]): im for im in data["images"]}
-        category_ids = {int(c["id"]) for c in data["categories"]}
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"{path}: image or category record without a valid id ({error})") from None
-    if len(images) != len(data["images"]):
-        raise DatasetError(f"{path}: duplicate image ids")
-    for image in images.values():
-        for key in ("file_name", "width", "height"):
-            if key not in image:
-                raise DatasetError(f"{path}: image {image['id']} has no {key!r}")
-        if images_dir is not None and not (Path(images_dir) / image["file_name"]).is_file():
-            raise DatasetError(f"{path}: image file {Path(images_dir) / image['file_name']} is missing")
-    for ann in data["annotations"]:
-        _check_annotation(path, ann, images, category_ids)
+    category_ids: set[int] = set()
+    for i, category in enumerate(data["categories"]):
+        _record(path, "category", i, category, {"id": int, "name": str})
+        category_ids.add(category["id"])
+    if len(category_ids) != len(data["categories"]):
+        raise DatasetError(f"{path}: duplicate category ids")
+    images: dict[int, dict] = {}
+    for i, image in enumerate(data["images"]):
+        _record(path, "image", i, image, {"id": int, "file_name": str, "width": int, "height": int})
+        if image["width"] <= 0 or image["height"] <= 0:
+            raise DatasetError(f"{path}: image {image['id']} ({image['file_name']}) has size "
+                               f"{image['width']}x{image['height']}")
+        if image["id"] in images:
+            raise DatasetError(f"{path}: duplicate image id {image['id']}")
+        images[image["id"]] = image
+        if images_dir is not None:
+            _check_image_file(path, Path(images_dir), image, read_images)
+    seen: set[int] = set()
+    for i, ann in enumerate(data["annotations"]):
+        _check_annotation(path, i, ann, images, category_ids)
+        if ann["id"] in seen:
+            raise DatasetError(f"{path}: duplicate annotation id {ann['id']}")
+        seen.add(ann["id"])
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
     return data
 
 
-def _check_annotation(path: Path, ann: dict, images: dict, category_ids: set[int]) -> None:
-    where = f"{path}: annotation {ann.get('id', '?')}"
-    for key in ("image_id", "category_id", "bbox"):
-        if key not in ann:
-            raise DatasetError(f"{where} has no {key!r}")
+def _check_image_file(path: Path, images_dir: Path, image: dict, read: bool) -> None:
+    file = images_dir / image["file_name"]
+    if not file.is_file():
+        raise DatasetError(f"{path}: image file {file} is missing")
+    if read:
+        width, height = read_image(file).size
+        if (width, height) != (image["width"], image["height"]):
+            raise DatasetError(f"{file}: image is {width}x{height} but {path} says "
+                               f"{image['width']}x{image['height']} (image {image['id']})")
+
+
+def _check_annotation(path: Path, position: int, ann: object, images: dict, category_ids: set[int]) -> None:
+    ann = _record(path, "annotation", position, ann, {"id": int, "image_id": int, "category_id": int})
+    where = f"{path}: annotation {ann['id']}"
     if ann["image_id"] not in images:
         raise DatasetError(f"{where} refers to unknown image id {ann['image_id']}")
     if ann["category_id"] not in category_ids:
         raise DatasetError(f"{where} has unknown category id {ann['category_id']}")
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
         raise DatasetError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
         raise DatasetError(f"{where}: bbox {bbox} has non-positive size")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DatasetError(f"{where}: area must be a number >= 0, got {ann['area']!r}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise DatasetError(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
     image = images[ann["image_id"]]
     tol = _BOX_TOLERANCE
     if x < -tol or y < -tol or x + w > image["width"] + tol or y + h > image["height"] + tol:

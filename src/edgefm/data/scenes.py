@@ -185,14 +185,15 @@ def build_scenes(out: Path, cfg: DataConfig) -> None:
 
 
 def coco_summary(annotation_file: Path) -> dict:
-    """Counts of a COCO file: images, objects, objects per class and per COCO size bucket."""
+    """Counts of a COCO file: images, objects, objects per class and per COCO size bucket (by
+    ``area``, else the box's)."""
     coco = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
     names = {c["id"]: c["name"] for c in coco["categories"]}
     per_class = dict.fromkeys(names.values(), 0)
     buckets = {"small": 0, "medium": 0, "large": 0}
     for ann in coco["annotations"]:
         per_class[names[ann["category_id"]]] += 1
-        area = ann["area"]
+        area = ann.get("area", ann["bbox"][2] * ann["bbox"][3])
         buckets["small" if area < 32**2 else "medium" if area < 96**2 else "large"] += 1
     return {"images": len(coco["images"]), "objects": len(coco["annotations"]),
             "per_class": per_class, "per_size": buckets}
