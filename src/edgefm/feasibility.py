@@ -154,7 +154,7 @@ def _record(profile: Profile, run: Run, shipped: dict[str, dict], progress: bool
     if run.name in shipped and profile.shipped:
         print(f"note: the shipped record of run {run.name!r} was made with another config; training it here")
     trained = ensure_finetuned(profile, cfg.init, cfg.label_fraction, progress, **dict(run.overrides))
-    return {**run_record(profile, trained), "name": run.name, "shipped": False}
+    return {**run_record(profile, trained), "name": run.name, "shipped": trained.shipped}
 
 
 def _final_val(record: dict) -> float:
@@ -203,13 +203,14 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
     a = records["a"]
     seeds = [r for name, r in records.items() if name == "a" or name.startswith("a-seed")]
     seed_names = [name for name in live if name.startswith("retrace-seed")]
+    eval_spread = _spread(seeds, lambda r: r["eval"]["map"])
     metrics = {
         "a": _summary(a, *EVAL_KEYS[3:]),
         "random": _summary(records["random"]) if "random" in records else None,
         "recipe": asdict(profile.finetune),
         "params": sum(p.numel() for p in load_detector(ensure_finetuned(profile, "mae", 1.0)).parameters()),
         "seeds": [_summary(r) for r in seeds],
-        "seed_spread": _none_or(_spread(seeds, lambda r: r["eval"]["map"]), lambda v: 100 * v),
+        "seed_spread": None if eval_spread is None else 100 * eval_spread,
         "convergence": converged(a["val_curve"], _spread(seeds, _final_val)),
         "schedules": sorted((_summary(r) for name, r in records.items()
                              if name == "a" or name.endswith("x")), key=lambda r: r["steps"]),
@@ -231,10 +232,6 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
     metrics["mae_vs_random"] = mae_vs_random(metrics["label_efficiency"])
     write_metrics(profile.name, "feasibility", metrics)
     return metrics
-
-
-def _none_or(value, apply):
-    return None if value is None else apply(value)
 
 
 def mae_vs_random(curve: list[dict]) -> list[dict]:
