@@ -6,7 +6,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from edgefm.targets import TARGETS, Target  # noqa: E402
+from edgefm.targets import TARGETS, Check, Target, targets_table  # noqa: E402
 from edgefm.viz import draw_boxes  # noqa: E402
 
 
@@ -16,6 +16,19 @@ def test_target_direction():
     drop = Target("mAP drop", "C", "map_drop", "<=", 0.01, "", "ours")
     assert drop.met(0.005) and not drop.met(0.011)
     assert faster.describe() == "speed-up >= 8x"
+
+
+def test_a_verdict_with_an_interval_needs_all_of_it():
+    accuracy = Target("mAP", "A", "map", ">=", 0.40, "", "ours")
+    assert accuracy.verdict(0.42, (0.41, 0.43)) == "met"
+    assert accuracy.verdict(0.41, (0.39, 0.43)) == "not shown"
+    assert accuracy.verdict(0.35, (0.33, 0.37)) == "not met"
+    assert accuracy.verdict(None) == "not measured" and accuracy.verdict(0.41) == "met"
+    table = targets_table([Check(accuracy, 0.41, (0.39, 0.43)), Check(accuracy, None)], model=True)
+    lines = table.splitlines()
+    assert lines[0] == "| model | target | measured |  |" and len(lines) == 4
+    assert lines[2] == "| A | mAP >= 0.4 | 0.41 [0.39, 0.43] | **not shown** |"
+    assert lines[3].endswith("| - | **not measured** |")
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"{t.model}-{t.metric}-{t.origin}")

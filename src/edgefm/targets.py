@@ -4,6 +4,7 @@ results chapter checks measured figures against the same records, so the two can
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -26,6 +27,48 @@ class Target:
     def describe(self) -> str:
         """The target as a short phrase, e.g. ``latency speed-up vs A >= 8x``."""
         return f"{self.name} {self.comparison} {self.threshold:.3g}{self.unit}"
+
+    def verdict(self, value: float | None, interval: Sequence[float] | None = None) -> str:
+        """``met``, ``not met`` or ``not measured``; with a 95 % ``interval`` around the value,
+        ``met`` needs the whole interval to meet the target, ``not met`` none of it, and anything
+        between is ``not shown``."""
+        if value is None:
+            return "not measured"
+        if interval is None:
+            return "met" if self.met(value) else "not met"
+        if all(self.met(v) for v in interval):
+            return "met"
+        return "not met" if not any(self.met(v) for v in interval) else "not shown"
+
+
+@dataclass(frozen=True)
+class Check:
+    """A target and what was measured for it (``interval``: its 95 % interval, if it has one)."""
+
+    target: Target
+    value: float | None
+    interval: Sequence[float] | None = None
+
+    @property
+    def verdict(self) -> str:
+        return self.target.verdict(self.value, self.interval)
+
+
+def targets_table(checks: Iterable[Check], model: bool = False, origin: bool = False) -> str:
+    """The one Markdown table every chapter shows targets in: target, measured (with its
+    interval), verdict (bold unless met); ``model`` and ``origin`` add those columns."""
+    head = ["model"] * model + ["target"] + ["origin"] * origin + ["measured", ""]
+    rule = "|" + "|".join("---:" if h == "measured" else "---" for h in head) + "|"
+    rows = ["| " + " | ".join(head) + " |", rule]
+    for check in checks:
+        t, value = check.target, check.value
+        measured = "-" if value is None else f"{value:.3g}"
+        if check.interval is not None and value is not None:
+            measured += f" [{check.interval[0]:.3g}, {check.interval[1]:.3g}]"
+        verdict = check.verdict if check.verdict == "met" else f"**{check.verdict}**"
+        cells = [t.model] * model + [t.describe()] + [t.origin] * origin + [measured, verdict]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 TARGETS: tuple[Target, ...] = (
