@@ -13,7 +13,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # book/_ext/edgefm_cache.py re-executes every chapter after a change to the library or weights/.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
 
-.PHONY: setup system-deps apt-get-fashion-mnist browser apt-get-chromium book book-smoke pdf test lint clean
+.PHONY: setup system-deps apt-get-fashion-mnist apt-get-qemu-user browser apt-get-chromium book book-smoke pdf test lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -33,9 +33,15 @@ define apt_install
 endef
 
 # The offline dataset's raw files come from Debian; elsewhere the library's error says what to do.
+# qemu-user emulates an AVX2-only CPU, on which INT8 models are checked (edgefm.isa).
 system-deps:
 	@[ -n "$$EDGEFM_FASHION_MNIST" ] || [ -d $(FASHION_MNIST_DIR) ] || [ "$$EDGEFM_DOWNLOAD" = 1 ] || \
 		$(MAKE) --no-print-directory apt-get-fashion-mnist
+	@[ "$$(uname -m)" != x86_64 ] || command -v qemu-x86_64 >/dev/null || \
+		$(MAKE) --no-print-directory apt-get-qemu-user
+
+apt-get-qemu-user:
+	$(call apt_install,qemu-user,INT8 models are not checked on an emulated CPU without VNNI)
 
 apt-get-fashion-mnist:
 	$(call apt_install,dataset-fashion-mnist,set EDGEFM_FASHION_MNIST to a folder with the files or EDGEFM_DOWNLOAD=1)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgefm import isa
 from edgefm.data.coco import CocoSplit
 from edgefm.decode import decode
 from edgefm.export import export_onnx, fuse_transformer, node_scopes, onnx_files, onnx_size
@@ -189,3 +190,19 @@ def test_qat_weights_cannot_saturate_the_16_bit_pair_sums_of_cpus_without_vnni(t
     weights = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
                if t.data_type == onnx.TensorProto.INT8]
     assert weights and max(np.abs(w.astype(int)).max() for w in weights) == WEIGHT_LEVELS
+    assert isa.weight_peak(path) == WEIGHT_LEVELS
+    assert WEIGHT_LEVELS <= isa.SAFE_WEIGHT_PEAK
+    if isa.emulator() is not None:  # and it computes the same on a CPU without VNNI (emulated)
+        agreement = isa.avx2_agreement([path], np.random.default_rng(0).random((2, 3, 64, 64), np.float32))
+        assert agreement[str(path)]["same"], agreement
+
+
+@pytest.mark.skipif(isa.emulator() is None, reason="needs x86-64 and qemu-user (make test installs it)")
+def test_reduce_range_static_int8_computes_the_same_without_vnni(exported, calibration, tmp_path):
+    _, path, prepared = exported
+    recipe = QuantRecipe("static-reduce-range", reduce_range=True,
+                         op_types=("MatMul", "Conv", "Gemm", "ConvTranspose"))
+    quantized = quantize(path, prepared, tmp_path / "int8.onnx", recipe, calibration)
+    assert isa.weight_peak(quantized) <= isa.SAFE_WEIGHT_PEAK
+    agreement = isa.avx2_agreement([quantized], calibration.batches[0])
+    assert agreement[str(quantized)]["same"], agreement

@@ -27,10 +27,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.config import BenchConfig
 from edgefm.export import fixed_batch, onnx_size
+from edgefm.isa import cpu, isa
 from edgefm.runtime import LEVELS, onnx_runner, open_session
 
 LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
@@ -105,16 +105,8 @@ def machine() -> dict:
     """What the numbers were measured on: CPU, its SIMD features, threads and library versions."""
     import onnxruntime
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS},
+    name, flags = cpu()
+    return {"cpu": name, "cores": os.cpu_count(), "isa": isa(flags),
             "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 

@@ -31,6 +31,7 @@ from edgefm.evaluate import detection_agreement, evaluate_split
 from edgefm.export import export_onnx, onnx_files, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
 from edgefm.images import read_image
+from edgefm.isa import has_vnni
 from edgefm.models.detector import Detector
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantization import ensure_quantization
@@ -263,7 +264,7 @@ DATASETS = {"fashion-scenes": "synthetic scenes of Fashion-MNIST items on textur
 
 def limits(source: str, machine: dict) -> str:
     """The model card's limits: what the model was trained on and what the timings depend on."""
-    vnni = any(machine["isa"].get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    vnni = has_vnni(machine["isa"])
     return (f"Trained on {DATASETS.get(source, source)}. Latency is this machine's ({machine['cpu']}, "
             f"{machine['cores']} cores, {'with' if vnni else 'without'} VNNI); other CPUs give other "
             "numbers, and INT8 gains most where the CPU has 8-bit dot-product instructions.")
