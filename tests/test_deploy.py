@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from edgefm import deploy
+from edgefm import deploy, isa
 from edgefm.artifacts import read_metrics
 from edgefm.config import DetectorConfig
 from edgefm.data.transforms import Letterbox
@@ -165,22 +165,31 @@ def test_predict_with_a_bundle_never_imports_torch(bundle, tmp_path):
     assert "Traceback" not in failed.stderr and "torch imported: False" in failed.stdout
 
 
-def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets():
-    def record(name, speed, size, drop):
+def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_val_and_is_safe_without_vnni():
+    def record(name, speed, size, drop, same=True):
         return {"name": name, "precision": "int8", "latency_speedup_2t": speed, "size_reduction": size,
-                "map_drop": drop}
+                "map_drop": 0.0, "val_map_drop": drop, "weight_peak": 127,
+                "avx2": {"same": same, "max_abs_diff": 0.0 if same else 0.5}}
 
     study = {"variants": [{"name": "A (PyTorch FP32)", "precision": "fp32"},
                           record("INT8 dynamic", 2.3, 2.6, 0.0),        # too big a file
                           record("INT8 QAT", 2.2, 3.5, 0.002),
                           record("INT8 static-minmax", 1.9, 3.6, 0.005),
+                          record("INT8 static-s8s8", 3.0, 3.6, 0.0, same=False),  # saturates without VNNI
                           record("INT8 static-mixed", 2.5, 3.6, 0.0)]}  # A's own layer list: not for B
     assert choose_recipe(study) == "INT8 QAT"
-    study["variants"][2]["map_drop"] = 0.03  # QAT now too inaccurate
+    study["variants"][2]["val_map_drop"] = 0.03  # QAT now too inaccurate on val (eval never decides)
     assert choose_recipe(study) == "INT8 static-minmax"
     for variant in study["variants"][1:]:
         variant["size_reduction"] = 1.0  # nothing meets every target: the fastest accurate one
     assert choose_recipe(study) == "INT8 dynamic"
+    for variant in study["variants"][1:]:  # not run on the emulated CPU: judged by the weights' range
+        variant["avx2"] = None
+    study["variants"][3]["weight_peak"] = 64
+    assert choose_recipe(study) == "INT8 static-minmax"
+    study["variants"][3]["weight_peak"] = 127
+    with pytest.raises(ValueError, match="without VNNI"):
+        choose_recipe(study)
 
 
 def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_path):
@@ -202,6 +211,15 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert all(t["met"] == (t["value"] >= t["threshold"] if t["comparison"] == ">=" else
                             t["value"] <= t["threshold"]) for t in summary["targets"])
     assert results["agreement"]["images"] == 8
+    # C is made in a format chosen on val that computes the same on CPUs without VNNI, and says so
+    int8 = json.loads((folder / "bundle.json").read_text())["int8"]
+    assert int8["recipe"] == results["recipe"] and results["recipe_chosen_on"] == int8["chosen_on"] == "val"
+    study = read_metrics("smoke", "quantization")
+    chosen = next(r for r in study["variants"] if r["name"] == results["recipe"])
+    assert deploy.safe_without_vnni(chosen) and {"val_map", "val_map_drop", "weight_peak"} <= set(chosen)
+    if isa.emulator() is not None:
+        assert int8["without_vnni"]["same"] and chosen["avx2"]["same"]
+        assert abs(results["c_without_vnni"]["map"] - c["map"]) <= 0.003
     # the bundle runs without the library's training side and matches C's ONNX run in the benchmark
     heat, _ = EdgeDetector(folder).run(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
     assert heat.shape[:2] == (2, 10)

@@ -171,10 +171,13 @@ class QatConfig:
 class QuantizeConfig:
     """Post-training INT8 of model A: ``calibration_scenes`` train scenes fix the activation
     ranges (never eval scenes); a layer group whose quantization alone costs more than
-    ``sensitivity_threshold`` mAP (0.0025: a quarter of a point) stays FP32 in the mixed recipe."""
+    ``sensitivity_threshold`` mAP (0.0025: a quarter of a point) stays FP32 in the mixed recipe.
+    Each INT8 variant is run on ``isa_images`` val scenes on an emulated CPU without VNNI
+    (:mod:`edgefm.isa`): few, as emulation is slow, but one saturated pair shows on any scene."""
 
     calibration_scenes: int = 64
     sensitivity_threshold: float = 0.0025
+    isa_images: int = 4
     bench: BenchConfig = field(default_factory=BenchConfig)
     qat: QatConfig = field(default_factory=QatConfig)
 

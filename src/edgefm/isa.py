@@ -114,6 +114,30 @@ def avx2_agreement(models: list[Path], images: np.ndarray, tolerance: float = 1e
     return agreement
 
 
+def evaluate_on_avx2(model: Path, split, cfg, stride: float) -> dict | None:
+    """COCO metrics of an ONNX ``model`` on ``split`` (a :class:`~edgefm.data.coco.CocoSplit`)
+    computed on an emulated AVX2-only CPU (None: no emulator here). The split is preprocessed and
+    decoded here, exactly as :func:`~edgefm.evaluate.evaluate_split` does; only the session runs
+    under emulation, all images in one emulated process."""
+    from edgefm.evaluate import evaluate_split
+    from edgefm.runtime import onnx_runner, open_session
+
+    if emulator() is None:
+        return None
+    inputs: list[np.ndarray] = []
+    native = onnx_runner(open_session(model))
+
+    def record(images: np.ndarray) -> list[np.ndarray]:
+        inputs.append(images)
+        return native(images)
+
+    evaluate_split(record, split, cfg, stride)  # the batches evaluate_split makes, in its order
+    outputs = outputs_on_avx2([model], np.concatenate(inputs))[str(model)]
+    starts = np.cumsum([0, *(len(batch) for batch in inputs)])
+    replay = iter([[o[a:b] for o in outputs] for a, b in zip(starts[:-1], starts[1:], strict=True)])
+    return evaluate_split(lambda images: next(replay), split, cfg, stride)
+
+
 def weight_peak(model: Path | str) -> int | None:
     """The largest magnitude of the model's 8-bit integer weights (None: it has none): at most
     :data:`SAFE_WEIGHT_PEAK` and its u8 x s8 products cannot saturate on any x86 CPU."""

@@ -6,7 +6,8 @@ quantizes it. The sensitivity scan quantizes one layer group at a time (static M
 *mixed* recipe keeps in FP32 the groups that cost more than the profile's threshold. A short
 quantization-aware fine-tune (:mod:`edgefm.qat`) gives one more INT8 variant. Everything
 is measured in one :func:`~edgefm.bench.benchmark` run against A in PyTorch and recorded in
-``metrics/quantization.json``.
+``metrics/quantization.json``: eval figures to report, val figures to choose by, and what each
+INT8 file computes on a CPU without VNNI (:mod:`edgefm.isa`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
 from edgefm.export import export_onnx, fuse_transformer, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector
+from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, has_vnni, weight_peak
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 from edgefm.runtime import LEVELS
@@ -117,6 +119,18 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     alone = {f"{t}t": latencies([model_a], size, t, bench)[model_a.name]
              for t in bench.threads}
     results = benchmark(variants, size, bench, accuracy)
+    int8 = [v for v in variants if v.precision == "int8"]
+    # what each INT8 file computes on a CPU without VNNI, and A's val figures to choose a recipe by
+    isa_scenes = CalibrationScenes(dataset.val, size, settings.isa_images).batches[0]
+    agreement = avx2_agreement([v.onnx for v in int8], isa_scenes)
+    val = {v.name: evaluate_split(v.runner(2), dataset.val, cfg, model.stride)["map"]
+           for v in [model_a, *int8]}
+    for record in results["variants"]:
+        variant = next(v for v in variants if v.name == record["name"])
+        if variant.precision == "int8":
+            record.update(weight_peak=weight_peak(variant.onnx),
+                          avx2=None if agreement is None else agreement[str(variant.onnx)],
+                          val_map=val[variant.name], val_map_drop=val[model_a.name] - val[variant.name])
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
     atomic_write_json(work / "results.json", {
         **results,
@@ -130,6 +144,10 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         "activation_tensors": len(minmax),
         "calibration_scenes": sum(len(batch) for batch in calibration.batches),
         "model_a": str(trained.path),
+        "isa": {"machine_vnni": has_vnni(results["machine"]["isa"]), "emulated_cpu": EMULATED_CPU,
+                "emulated": agreement is not None, "images": len(isa_scenes),
+                "safe_weight_peak": SAFE_WEIGHT_PEAK},
+        "a_val_map": val[model_a.name],
         "reference_alone": alone,
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
                 "lr": settings.qat.lr, "batch_size": settings.qat.batch_size},

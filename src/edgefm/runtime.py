@@ -89,7 +89,8 @@ class BundleSpec:
     side resized, padded right and bottom with ``pad_value``); it normalises inside the graph
     (``mean``/``std`` are recorded for reference). It returns class heatmap logits and box
     distances on a grid of ``stride`` input pixels per cell (fractional for a model that resizes
-    its input inside the graph).
+    its input inside the graph). ``int8`` says how an INT8 model was made and whether it was
+    checked to compute the same on CPUs without VNNI (:mod:`edgefm.isa`).
     """
 
     model: str
@@ -103,6 +104,7 @@ class BundleSpec:
     max_detections: int = 100
     score_threshold: float = 0.01
     name: str = ""
+    int8: dict | None = None
     format: str = BUNDLE_FORMAT
 
 
@@ -129,6 +131,7 @@ _FIELD_CHECKS = {
     "max_detections": (lambda v: _whole(v) and v > 0, "a positive integer"),
     "score_threshold": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "name": (lambda v: isinstance(v, str), "a string"),
+    "int8": (lambda v: v is None or isinstance(v, dict), "an object or null"),
 }
 
 
