@@ -2,10 +2,20 @@
 
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from edgefm.bench import Variant, benchmark, block_times, count_flops, latencies, machine, peak_memory
+from edgefm.bench import (
+    Variant,
+    benchmark,
+    block_times,
+    camera_latencies,
+    count_flops,
+    latencies,
+    machine,
+    peak_memory,
+)
 from edgefm.cli import main
 from edgefm.config import BenchConfig
 from edgefm.export import export_onnx
@@ -16,7 +26,8 @@ FIELDS = {"name", "format", "precision", "map", "map50", "latency_ms_1t", "laten
           "latency_p90_ms_1t", "latency_p90_ms_2t", "size_bytes", "params", "flops", "gflops_2t",
           "ceiling_fraction_2t", "throughput_2t", "peak_memory_bytes", "latency_speedup_1t",
           "latency_speedup_2t", "size_reduction", "map_drop", "latency_after_idle_ms_1t",
-          "latency_after_idle_ms_2t"}
+          "latency_after_idle_ms_2t", "latency_camera_ms_1t", "latency_camera_ms_2t", "camera_speedup_2t",
+          "latency_speedup_2t_range", "camera_speedup_2t_range"}
 
 
 def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
@@ -26,13 +37,21 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
     variants = [Variant("torch", module=model, flops=flops, params=params),
                 Variant("onnx", onnx=export_onnx(model, tmp_path / "m.onnx", 64), flops=flops, params=params)]
     scores = {"torch": 0.5, "onnx": 0.4}
-    results = benchmark(variants, 64, BenchConfig(runs=3, warmup=1, throughput_batch=2, pause_ms=0),
-                        lambda v: {"map": scores[v.name], "map50": 0.6})
+    settings = BenchConfig(runs=3, warmup=1, throughput_batch=2, pause_ms=0, camera_frames=3, repeats=3)
+    evaluated = []
+    results = benchmark(variants, 64, settings,
+                        lambda v: evaluated.append(v.name) or {"map": scores[v.name], "map50": 0.6})
     torch_record, onnx_record = results["variants"]
     assert set(torch_record) >= FIELDS and set(onnx_record) >= FIELDS
+    assert evaluated == ["torch", "onnx"]  # each once, between the repeats
     assert torch_record["latency_speedup_2t"] == 1.0 and torch_record["size_reduction"] == 1.0
-    ratio = torch_record["latency_ms_2t"] / onnx_record["latency_ms_2t"]
-    assert onnx_record["latency_speedup_2t"] == pytest.approx(ratio)
+    for ratio, latency in (("latency_speedup_2t", "latency_ms_2t"),
+                           ("camera_speedup_2t", "latency_camera_ms_2t")):
+        ratios = [a / b for a, b in zip(torch_record[f"{latency}_repeats"], onnx_record[f"{latency}_repeats"],
+                                        strict=True)]
+        assert len(ratios) == 3 and onnx_record[ratio] == pytest.approx(float(np.median(ratios)))
+        assert onnx_record[f"{ratio}_range"] == [min(ratios), max(ratios)]
+        assert onnx_record[latency] == pytest.approx(float(np.median(onnx_record[f"{latency}_repeats"])))
     assert onnx_record["map_drop"] == pytest.approx(0.1)
     assert onnx_record["format"] == "onnx" and torch_record["format"] == "pytorch"
     assert 0 < onnx_record["latency_ms_2t"] <= onnx_record["latency_p90_ms_2t"]
@@ -70,6 +89,15 @@ def test_latencies_time_back_to_back_runs_and_report_the_first_after_a_pause_apa
     assert timing["median_ms"] < 4 < timing["after_idle_ms"]
     paused = latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(runs=4, warmup=1, burst=1, pause_ms=10))["m"]
     assert paused["after_idle_ms"] > 4 > paused["median_ms"]  # burst 1: every after-idle run follows a pause
+
+
+def test_camera_frames_arrive_at_the_frame_rate_and_pay_the_wake_up():
+    SlowAfterIdle.calls = 0
+    started = time.perf_counter()
+    ms = camera_latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(camera_fps=50, camera_frames=5))["m"]
+    assert SlowAfterIdle.calls == 1 + 5  # one untimed run, then the frames
+    assert time.perf_counter() - started >= 4 * 0.02  # each frame starts a 20 ms period after the last
+    assert ms > 4  # every frame follows an idle gap: the slow case, unlike back-to-back runs
 
 
 def test_machine_names_the_cpu_and_versions():

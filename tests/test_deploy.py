@@ -167,7 +167,7 @@ def test_predict_with_a_bundle_never_imports_torch(bundle, tmp_path):
 
 def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_val_and_is_safe_without_vnni():
     def record(name, speed, size, drop, same=True):
-        return {"name": name, "precision": "int8", "latency_speedup_2t": speed, "size_reduction": size,
+        return {"name": name, "precision": "int8", "camera_speedup_2t": speed, "size_reduction": size,
                 "map_drop": 0.0, "val_map_drop": drop, "weight_peak": 127,
                 "avx2": {"same": same, "max_abs_diff": 0.0 if same else 0.5}}
 
@@ -195,8 +195,8 @@ def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_va
 def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_path):
     results = compress("smoke", progress=False)
     names = [r["name"] for r in results["variants"]]
-    assert names == ["A (PyTorch FP32)", f"A {results['recipe']}", "B (PyTorch FP32)", "B (ONNX FP32)",
-                     "C (ONNX INT8)", "C (.ort)"]
+    assert names == ["A (PyTorch FP32)", "A (ONNX Runtime FP32)", f"A {results['recipe']}",
+                     "B (PyTorch FP32)", "B (ONNX Runtime FP32)", "C (ONNX INT8)", "C (.ort)"]
     for record in results["variants"]:
         assert record["map"] is not None and record["latency_ms_1t"] > 0 and record["latency_ms_2t"] > 0
     folder = Path(results["bundle_folder"])
@@ -211,6 +211,14 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert all(t["met"] == (t["value"] >= t["threshold"] if t["comparison"] == ">=" else
                             t["value"] <= t["threshold"]) for t in summary["targets"])
     assert results["agreement"]["images"] == 8
+    # the final benchmark: both references, both regimes with their spreads, C end to end
+    for name in ("A (PyTorch FP32)", "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)", "C (ONNX INT8)"):
+        record = next(r for r in results["variants"] if r["name"] == name)
+        assert record["latency_camera_ms_1t"] > 0 and record["latency_camera_ms_2t"] > 0
+        low, high = record["latency_speedup_2t_range"]
+        assert low <= record["latency_speedup_2t"] <= high
+    assert c["latency_e2e_ms_2t"] > 0 and c["camera_speedup_vs_a_ort_2t"] > 0
+    assert {t["verdict"] for t in results["targets"]} <= {"met", "not met", "not shown"}
     # C is made in a format chosen on val that computes the same on CPUs without VNNI, and says so
     int8 = json.loads((folder / "bundle.json").read_text())["int8"]
     assert int8["recipe"] == results["recipe"] and results["recipe_chosen_on"] == int8["chosen_on"] == "val"

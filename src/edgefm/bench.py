@@ -182,6 +182,30 @@ def latencies(variants: list[Variant], image_size: int, threads: int,
     return {name: _timing(seconds[name][:settings.runs], after_idle[name]) for name in runners}
 
 
+def camera_latencies(variants: list[Variant], image_size: int, threads: int,
+                     settings: BenchConfig) -> dict[str, float]:
+    """``{name: median ms}`` at batch 1 when frames arrive at ``settings.camera_fps``, as a device
+    fed by a camera runs: each variant in turn takes ``settings.camera_frames`` frames, each
+    starting one frame period after the previous one started (or as soon as it ended, if it ran
+    longer), and its threads may sleep in between (the sessions do not spin)."""
+    image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
+    period = 1 / settings.camera_fps
+    medians = {}
+    for variant in variants:
+        run = variant.runner(threads)
+        run(image)
+        seconds = []
+        start = time.perf_counter()
+        for _ in range(settings.camera_frames):
+            end = time.perf_counter()
+            time.sleep(max(0.0, start + period - end))
+            start = time.perf_counter()
+            run(image)
+            seconds.append(time.perf_counter() - start)
+        medians[variant.name] = float(np.median(seconds) * 1e3)
+    return medians
+
+
 def throughput(variant: Variant, image_size: int, batch: int, threads: int, runs: int = 5) -> float:
     """Images per second at ``batch``, median of ``runs`` after one warm-up."""
     run = variant.runner(threads)
@@ -230,33 +254,50 @@ def peak_memory(variant: Variant, image_size: int, threads: int = 2) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
+# the fields of a :func:`latencies` timing, as a benchmark record names them
+_TIMING_FIELDS = {"median_ms": "latency_ms", "p90_ms": "latency_p90_ms",
+                  "after_idle_ms": "latency_after_idle_ms"}
+
+
 def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
               accuracy: Callable[[Variant], dict] | None = None) -> dict:
     """Measure every variant in one process; the first one is the reference (model A).
 
     Returns ``{"machine", "ceiling", "variants", "settings"}``; each variant record has the name,
-    format, mAP and mAP@.5 (if ``accuracy`` is given), latency per thread count (median and p90,
-    ms), throughput (None for a model whose batch is fixed), size, params, FLOPs, peak memory,
-    achieved GFLOP/s against the ceiling, and ratios to the reference (``latency_speedup_<n>t``:
-    reference latency / this latency; ``size_reduction``).
+    format, mAP and mAP@.5 (if ``accuracy`` is given), latency per thread count back to back
+    (``latency_ms_<n>t``, median and p90) and with frames arriving at the camera's rate
+    (``latency_camera_ms_<n>t``), throughput (None for a model whose batch is fixed), size,
+    params, FLOPs, peak memory, achieved GFLOP/s against the ceiling, and ratios to the reference
+    (``latency_speedup_<n>t``, ``camera_speedup_<n>t``: reference latency / this latency;
+    ``size_reduction``). Latencies are measured ``settings.repeats`` times, between which the
+    accuracy evaluations run; each latency is the median of the repeats' medians, and each ratio
+    the median of the repeats' ratios, with their min and max in ``<ratio>_range``.
     """
     ceiling = {t: gemm_ceiling(t) for t in settings.threads}
-    timings = {t: latencies(variants, image_size, t, settings)
-               for t in settings.threads}
+    scores: dict[str, dict] = {}
+    back_to_back, camera = [], []
+    chunks = np.array_split(np.arange(len(variants)), max(settings.repeats - 1, 1))
+    for repeat in range(settings.repeats):
+        back_to_back.append({t: latencies(variants, image_size, t, settings) for t in settings.threads})
+        camera.append({t: camera_latencies(variants, image_size, t, settings) for t in settings.threads})
+        if accuracy is not None and repeat < len(chunks):  # the evaluations spread the repeats in time
+            scores.update({variants[i].name: accuracy(variants[i]) for i in chunks[repeat]})
     records = []
     for variant in variants:
         record: dict = {"name": variant.name, "format": variant.format, "precision": variant.precision,
                         "params": variant.params, "flops": variant.flops, "size_bytes": variant.size_bytes()}
         if accuracy is not None:
-            scores = accuracy(variant)
-            record.update(map=scores["map"], map50=scores["map50"])
+            record.update(map=scores[variant.name]["map"], map50=scores[variant.name]["map50"])
         for t in settings.threads:
-            timing = timings[t][variant.name]
-            median = record[f"latency_ms_{t}t"] = timing["median_ms"]
-            record[f"latency_p90_ms_{t}t"] = timing["p90_ms"]
-            record[f"latency_after_idle_ms_{t}t"] = timing["after_idle_ms"]
+            repeats = {name: [timing[t][variant.name][field] for timing in back_to_back]
+                       for field, name in _TIMING_FIELDS.items()}
+            repeats["latency_camera_ms"] = [timing[t][variant.name] for timing in camera]
+            for name, values in repeats.items():
+                record[f"{name}_{t}t"] = float(np.median(values))
+            record[f"latency_ms_{t}t_repeats"] = repeats["latency_ms"]
+            record[f"latency_camera_ms_{t}t_repeats"] = repeats["latency_camera_ms"]
             if variant.flops:
-                achieved = variant.flops / (median / 1e3) / 1e9
+                achieved = variant.flops / (record[f"latency_ms_{t}t"] / 1e3) / 1e9
                 peak = ceiling[t]["fp32_gflops" if variant.precision == "fp32" else "int8_gops"]
                 record[f"gflops_{t}t"], record[f"ceiling_fraction_{t}t"] = achieved, achieved / peak
         top = max(settings.threads)
@@ -268,7 +309,10 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
     reference = records[0]
     for record in records:
         for t in settings.threads:
-            record[f"latency_speedup_{t}t"] = reference[f"latency_ms_{t}t"] / record[f"latency_ms_{t}t"]
+            for ratio, latency in ((f"latency_speedup_{t}t", f"latency_ms_{t}t_repeats"),
+                                   (f"camera_speedup_{t}t", f"latency_camera_ms_{t}t_repeats")):
+                ratios = [r / m for r, m in zip(reference[latency], record[latency], strict=True)]
+                record[ratio], record[f"{ratio}_range"] = float(np.median(ratios)), [min(ratios), max(ratios)]
         record["size_reduction"] = reference["size_bytes"] / record["size_bytes"]
         if "map" in record:
             record["map_drop"] = reference["map"] - record["map"]

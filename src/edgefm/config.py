@@ -137,15 +137,19 @@ class FinetuneConfig:
 class BenchConfig:
     """How hard to measure: ``runs`` timed runs per variant and thread count after ``warmup``
     untimed ones, in turns of ``burst`` back-to-back runs that follow a pause of ``pause_ms`` and
-    one untimed run (see :func:`edgefm.bench.latencies`);
-    throughput at ``throughput_batch``; ``memory`` reads each variant's peak resident size in a
-    fresh process (a few seconds each)."""
+    one untimed run (see :func:`edgefm.bench.latencies`); ``camera_frames`` frames arriving at
+    ``camera_fps`` (:func:`edgefm.bench.camera_latencies`); both measured ``repeats`` times,
+    spread through the run, so each ratio has a spread; throughput at ``throughput_batch``;
+    ``memory`` reads each variant's peak resident size in a fresh process (a few seconds each)."""
 
     threads: tuple[int, ...] = (1, 2)
     runs: int = 50
     warmup: int = 10
     burst: int = 5
     pause_ms: float = 20.0
+    camera_fps: float = 30.0
+    camera_frames: int = 30
+    repeats: int = 3
     throughput_batch: int = 16
     memory: bool = True
 
@@ -329,10 +333,11 @@ def _smoke() -> Profile:
     finetune = FinetuneConfig(detector=DetectorConfig(image_size=64, channels=32, head_hidden=32),
                               batch_size=8, steps=6, warmup_steps=2, eval_every=3, checkpoint_every=3)
     quantize = QuantizeConfig(calibration_scenes=8,
-                              bench=BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False),
+                              bench=BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False,
+                                                camera_frames=3),
                               qat=QatConfig(steps=4, calibration_batches=1, warmup_steps=1,
                                             checkpoint_every=2))
-    quick = BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False)
+    quick = BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False, camera_frames=3)
     smaller = SmallerConfig(
         pruning_ratios=(0.5,),
         students=tuple(replace(s, depth=min(s.depth, 1), channels=min(s.channels, 16),

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Target:
-    """A goal on one figure: ``metric <comparison> threshold`` for a model, with its origin."""
+    """A goal on one figure: ``metric <comparison> threshold`` for a model, with its origin.
+    Speed targets are judged with frames arriving at a camera's 30 fps, on 2 threads: the regime
+    of the book's use case (:func:`edgefm.bench.camera_latencies`)."""
 
     name: str
     model: str
@@ -53,6 +55,12 @@ class Check:
     def verdict(self) -> str:
         return self.target.verdict(self.value, self.interval)
 
+    @classmethod
+    def of(cls, target: Target, record: dict) -> Check:
+        """The check of a benchmark record: its figure, with the spread over the benchmark's
+        repeats (``<metric>_range``) as the interval where it has one."""
+        return cls(target, record.get(target.metric), record.get(f"{target.metric}_range"))
+
 
 def targets_table(checks: Iterable[Check], model: bool = False, origin: bool = False) -> str:
     """The one Markdown table every chapter shows targets in: target, measured (with its
@@ -74,16 +82,18 @@ def targets_table(checks: Iterable[Check], model: bool = False, origin: bool = F
 TARGETS: tuple[Target, ...] = (
     Target("mAP@[.5:.95]", "A", "map", ">=", 0.40, "", "ours"),
     Target("MAE init beats random init", "A", "map_gain_mae", ">=", 0.02, "", "ours"),
-    Target("latency speed-up vs A", "A-INT8", "latency_speedup_2t", ">=", 1.6, "x", "ours"),
+    Target("speed-up vs A at 30 fps", "A-INT8", "camera_speedup_2t", ">=", 1.6, "x", "ours"),
     Target("size reduction vs A", "A-INT8", "size_reduction", ">=", 3.5, "x", "ours"),
     Target("mAP drop vs A", "A-INT8", "map_drop", "<=", 0.01, "", "ours"),
-    Target("latency speed-up vs A", "B", "latency_speedup_2t", ">=", 3, "x", "ours"),
+    Target("speed-up vs A at 30 fps", "B", "camera_speedup_2t", ">=", 3, "x", "ours"),
     Target("mAP drop vs A", "B", "map_drop", "<=", 0.01, "", "ours"),
-    Target("latency speed-up vs A", "C", "latency_speedup_2t", ">=", 8, "x", "ours"),
+    Target("speed-up vs A at 30 fps", "C", "camera_speedup_2t", ">=", 8, "x", "ours"),
+    Target("speed-up vs A in ONNX Runtime FP32 at 30 fps", "C", "camera_speedup_vs_a_ort_2t", ">=", 6, "x",
+           "ours"),
     Target("size reduction vs A", "C", "size_reduction", ">=", 12, "x", "ours"),
     Target("mAP drop vs A", "C", "map_drop", "<=", 0.01, "", "ours"),
     Target("size reduction vs A", "C", "size_reduction", ">=", 1 / 0.7, "x", "seed: size -30 %"),
-    Target("latency speed-up vs A", "C", "latency_speedup_2t", ">=", 1 / 0.6, "x",
+    Target("speed-up vs A at 30 fps", "C", "camera_speedup_2t", ">=", 1 / 0.6, "x",
            "seed: latency -40 %"),
     Target("relative mAP drop vs A", "C", "map_drop_relative", "<=", 0.05, "", "seed: within 5 %"),
 )
