@@ -136,6 +136,20 @@ def test_keep_fp32_and_only_select_nodes_by_module(exported, calibration, tmp_pa
         quantize(path, prepared, tmp_path / "none.onnx", QuantRecipe("s"), None)
 
 
+def test_weights_only_leaves_the_products_of_two_activations_in_fp32(exported, calibration, tmp_path):
+    import onnx
+
+    _, path, prepared = exported
+    _, exclude = selected_nodes(path, QuantRecipe("w", weights_only=True))
+    depth = 2  # the tiny detector's blocks: query x key and attention x value in each
+    assert len(exclude) == 2 * depth and all(n in node_scopes(path) for n in exclude)
+    recipe = QuantRecipe("w", weights_only=True)
+    quantized = quantize(path, prepared, tmp_path / "w.onnx", recipe, calibration)
+    graph = onnx.load(quantized).graph
+    fed = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert all(not fed & set(n.input) for n in graph.node if n.name in exclude)  # no quantized input
+
+
 def test_recipe_rejects_unknown_settings():
     with pytest.raises(ValueError, match="mode"):
         QuantRecipe("x", mode="int4")

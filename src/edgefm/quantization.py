@@ -35,6 +35,7 @@ from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 from edgefm.runtime import LEVELS
 
 CONVS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
+QAT_CONTROL = "ORT FP32, QAT's steps without rounding"
 RECIPES = (
     QuantRecipe("dynamic", mode="dynamic", op_types=("MatMul", "Gemm")),
     QuantRecipe("dynamic-conv", mode="dynamic", op_types=CONVS),
@@ -44,6 +45,8 @@ RECIPES = (
     QuantRecipe("static-s8s8", activations="s8", op_types=CONVS),
     QuantRecipe("static-reduce-range", reduce_range=True, op_types=CONVS),
     QuantRecipe("static-per-tensor", per_channel=False, op_types=CONVS),
+    # the layers and the weight range QAT quantizes: what separates QAT's training from its scheme
+    QuantRecipe("static-like-qat", reduce_range=True, weights_only=True, op_types=CONVS),
 )
 
 
@@ -114,6 +117,12 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     qat_state = qat_finetune(qat_model, train, settings.qat, work, progress)
     qat_path = export_onnx(freeze(qat_model), work / "a-qat.onnx", size, dynamic_batch=False)
     variants.append(model_a.exported("INT8 QAT", fold_weight_quantizers(qat_path), "int8"))
+    # the control: QAT's steps and settings without the rounding, so QAT's gain is not extra training
+    control, control_work = load_detector(trained), work / "fp32-control"
+    control_work.mkdir(exist_ok=True)
+    control_state = qat_finetune(control, train, settings.qat, control_work, progress)
+    control_path = export_onnx(control.eval(), work / "a-fp32-qat-steps.onnx", size)
+    variants.append(model_a.exported(QAT_CONTROL, control_path))
     bench = settings.bench
     # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
     alone = {f"{t}t": latencies([model_a], size, t, bench)[model_a.name]
@@ -150,7 +159,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         "a_val_map": val[model_a.name],
         "reference_alone": alone,
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
-                "lr": settings.qat.lr, "batch_size": settings.qat.batch_size},
+                "lr": settings.qat.lr, "batch_size": settings.qat.batch_size,
+                "control_losses": control_state.losses},
     })
 
 

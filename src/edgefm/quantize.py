@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -58,6 +59,7 @@ class QuantRecipe:
     op_types: tuple[str, ...] = WEIGHT_OPS
     keep_fp32: tuple[str, ...] = ()
     only: tuple[str, ...] | None = None  # quantize just these scopes (the sensitivity scan)
+    weights_only: bool = False  # only products with a weight (not attention's two activation MatMuls)
 
     def __post_init__(self) -> None:
         if self.mode not in ("dynamic", "static"):
@@ -102,9 +104,19 @@ def selected_nodes(exported: Path | str, recipe: QuantRecipe) -> tuple[list[str]
     def under(scope: str, prefixes: tuple[str, ...]) -> bool:
         return any(scope == p or scope.startswith(p + ".") for p in prefixes)
 
-    exclude = sorted(name for name, scope in scopes.items() if under(scope, recipe.keep_fp32))
+    exclude = {name for name, scope in scopes.items() if under(scope, recipe.keep_fp32)}
+    if recipe.weights_only:
+        exclude |= set(activation_products(exported, recipe.op_types))
     only = None if recipe.only is None else sorted(n for n, s in scopes.items() if under(s, recipe.only))
-    return only, exclude
+    return only, sorted(exclude)
+
+
+def activation_products(exported: Path | str, op_types: tuple[str, ...]) -> list[str]:
+    """The nodes of ``op_types`` that multiply two activations (no initializer among their
+    inputs): in a ViT, attention's query-key and attention-value MatMuls."""
+    graph = onnx.load(str(exported), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in op_types and not weights & set(n.input)]
 
 
 def quantize(exported: Path | str, preprocessed: Path | str, dst: Path | str, recipe: QuantRecipe,
