@@ -36,6 +36,13 @@ def test_hash_covers_library_and_weights_and_a_change_clears_the_cache(tmp_path)
     (tmp_path / "weights" / "w.json").write_text("{}")
     with_weights = edgefm_cache.inputs_hash(tmp_path)
     assert with_weights != before
+    (tmp_path / "src" / "edgefm" / "__pycache__").mkdir()
+    (tmp_path / "src" / "edgefm" / "__pycache__" / "answer.pyc").write_bytes(b"\0")
+    assert edgefm_cache.inputs_hash(tmp_path) == with_weights  # bytecode is not an input
+    versions = tmp_path / "src" / "edgefm" / "stage_versions.json"
+    versions.write_text('{"a": 1}')
+    assert edgefm_cache.inputs_hash(tmp_path) != with_weights  # package data is (a version bump)
+    versions.unlink()
     cache = tmp_path / "cache"
     assert not edgefm_cache.refresh_cache(cache, with_weights)  # a first build: nothing to clear
     (cache / "outputs").write_text("old")

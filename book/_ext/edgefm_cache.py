@@ -17,9 +17,10 @@ HASH_FILE = "edgefm-library.hash"
 
 
 def inputs_hash(root: Path) -> str:
-    """SHA-256 (16 hex digits) of every file under ``src/edgefm`` (Python) and ``weights/``."""
-    files = sorted([*(root / "src" / "edgefm").rglob("*.py"),
-                    *(p for p in (root / "weights").rglob("*") if p.is_file())])
+    """SHA-256 (16 hex digits) of every file under ``src/edgefm`` (code and package data, such as
+    the stage versions) and ``weights/``; Python's bytecode caches do not count."""
+    files = sorted(p for folder in (root / "src" / "edgefm", root / "weights") for p in folder.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
