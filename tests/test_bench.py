@@ -14,6 +14,7 @@ from edgefm.bench import (
     count_flops,
     latencies,
     machine,
+    operator_profile,
     peak_memory,
 )
 from edgefm.cli import main
@@ -98,6 +99,16 @@ def test_camera_frames_arrive_at_the_frame_rate_and_pay_the_wake_up():
     assert SlowAfterIdle.calls == 1 + 5  # one untimed run, then the frames
     assert time.perf_counter() - started >= 4 * 0.02  # each frame starts a 20 ms period after the last
     assert ms > 4  # every frame follows an idle gap: the slow case, unlike back-to-back runs
+
+
+def test_operator_profile_attributes_the_time_to_operator_types(tmp_path):
+    path = export_onnx(tiny_detector(), tmp_path / "m.onnx", 64)
+    profile = operator_profile(path, 64, threads=1, runs=4)
+    assert profile["kernels_ms"] == pytest.approx(sum(profile["ms_by_op_type"].values()))
+    assert 0 < profile["kernels_ms"] <= 1.5 * profile["wall_ms"]  # the kernels of one run, not of five
+    assert {"MatMul", "Conv"} & set(profile["ms_by_op_type"]) and profile["integer_products_ms"] == 0  # FP32
+    times = list(profile["ms_by_op_type"].values())
+    assert times == sorted(times, reverse=True)
 
 
 def test_machine_names_the_cpu_and_versions():

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -211,6 +212,40 @@ def throughput(variant: Variant, image_size: int, batch: int, threads: int, runs
     run = variant.runner(threads)
     images = np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
     return batch / _timed(lambda: run(images), runs)
+
+
+# ONNX Runtime's integer matrix-product kernels (after its QDQ fusions): where INT8 does its work
+INTEGER_PRODUCTS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
+                    "QGemm", "DynamicQuantizeMatMul")
+
+
+def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int = 20) -> dict:
+    """Where an ONNX model's time goes, from ONNX Runtime's profiler: milliseconds per image spent
+    in each operator type (after the session's graph optimisations, so fused kernels count as
+    theirs), over ``runs`` batch-1 runs after one untimed run."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling, options.profile_file_prefix = True, str(Path(folder) / "profile")
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name:
+                np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)}
+        session.run(None, feed)
+        started = time.perf_counter()
+        for _ in range(runs):
+            session.run(None, feed)
+        wall_ms = (time.perf_counter() - started) / runs * 1e3
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_op: dict[str, float] = {}
+    for event in kernels[len(kernels) // (runs + 1):]:  # the untimed first run's kernels come first
+        op = event["args"]["op_name"]
+        per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3 / runs
+    ordered = dict(sorted(per_op.items(), key=lambda item: -item[1]))
+    return {"ms_by_op_type": ordered, "kernels_ms": sum(ordered.values()), "wall_ms": wall_ms,
+            "integer_products_ms": sum(ms for op, ms in ordered.items() if op in INTEGER_PRODUCTS),
+            "threads": threads, "runs": runs}
 
 
 _PEAK_SCRIPT = """

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, latencies, module_variant
+from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -243,6 +243,9 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     a_record, c_record = records[a.name], records["C (ONNX INT8)"]
     c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval,
                                                   profile.quantize.bench.runs)
+    results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,
+                                                  runs=profile.quantize.bench.runs)
+                           for name in (B_ORT, "C (ONNX INT8)")}
     report = targets_report(a_record, c_record)
     # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
     alone = [a, Variant("C, threads stopped after each run", onnx=bundle / MODEL_FILE, precision="int8"),
