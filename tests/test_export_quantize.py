@@ -220,12 +220,13 @@ def test_qat_weights_cannot_saturate_the_16_bit_pair_sums_of_cpus_without_vnni(t
     assert weights and max(np.abs(w.astype(int)).max() for w in weights) == WEIGHT_LEVELS
     assert isa.weight_peak(path) == WEIGHT_LEVELS
     assert WEIGHT_LEVELS <= isa.SAFE_WEIGHT_PEAK
-    if isa.emulator() is not None:  # and it computes the same on a CPU without VNNI (emulated)
+    if isa.can_compare():  # and it computes the same on a CPU without VNNI (emulated)
         agreement = isa.avx2_agreement([path], np.random.default_rng(0).random((2, 3, 64, 64), np.float32))
         assert agreement[str(path)]["same"], agreement
 
 
-@pytest.mark.skipif(isa.emulator() is None, reason="needs x86-64 and qemu-user (make test installs it)")
+@pytest.mark.skipif(not isa.can_compare(),
+                    reason="needs a CPU with VNNI, and qemu-user to emulate one without")
 def test_reduce_range_static_int8_computes_the_same_without_vnni(exported, calibration, tmp_path):
     _, path, prepared = exported
     recipe = QuantRecipe("static-reduce-range", reduce_range=True,

@@ -57,6 +57,13 @@ def has_vnni(features: dict[str, bool]) -> bool:
     return any(features.get(flag) for flag in VNNI_FLAGS)
 
 
+def can_compare() -> bool:
+    """Whether this machine can show what VNNI changes: it has VNNI itself and can emulate a CPU
+    without it. (On a CPU without VNNI, the emulated CPU computes what this one does, so a
+    comparison would pass whatever the model; there the weights' range has to decide.)"""
+    return emulator() is not None and has_vnni(isa())
+
+
 def emulator() -> list[str] | None:
     """The command prefix that runs a program on an emulated AVX2-only CPU, if this machine can."""
     qemu = shutil.which("qemu-x86_64")
@@ -100,10 +107,11 @@ def outputs_on_avx2(models: list[Path], images: np.ndarray) -> dict[str, list[np
 def avx2_agreement(models: list[Path], images: np.ndarray, tolerance: float = 1e-3) -> dict[str, dict] | None:
     """For each model, how far its outputs on an emulated AVX2-only CPU are from this CPU's: the
     largest absolute difference, and ``same`` when every output is within ``tolerance`` (float
-    kernels of different vector widths round differently; a saturated integer sum is far off)."""
-    emulated = outputs_on_avx2(models, images)
-    if emulated is None:
+    kernels of different vector widths round differently; a saturated integer sum is far off).
+    None where :func:`can_compare` is false."""
+    if not can_compare():
         return None
+    emulated = outputs_on_avx2(models, images)
     agreement = {}
     for model in models:
         here = run_session(model, images)
@@ -116,13 +124,13 @@ def avx2_agreement(models: list[Path], images: np.ndarray, tolerance: float = 1e
 
 def evaluate_on_avx2(model: Path, split, cfg, stride: float) -> dict | None:
     """COCO metrics of an ONNX ``model`` on ``split`` (a :class:`~edgefm.data.coco.CocoSplit`)
-    computed on an emulated AVX2-only CPU (None: no emulator here). The split is preprocessed and
-    decoded here, exactly as :func:`~edgefm.evaluate.evaluate_split` does; only the session runs
-    under emulation, all images in one emulated process."""
+    computed on an emulated AVX2-only CPU (None where :func:`can_compare` is false). The split
+    is preprocessed and decoded here, exactly as :func:`~edgefm.evaluate.evaluate_split` does;
+    only the session runs under emulation, all images in one emulated process."""
     from edgefm.evaluate import evaluate_split
     from edgefm.runtime import onnx_runner, open_session
 
-    if emulator() is None:
+    if not can_compare():
         return None
     inputs: list[np.ndarray] = []
     native = onnx_runner(open_session(model))
