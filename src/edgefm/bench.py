@@ -294,6 +294,12 @@ _TIMING_FIELDS = {"median_ms": "latency_ms", "p90_ms": "latency_p90_ms",
                   "after_idle_ms": "latency_after_idle_ms"}
 
 
+def repeat_ratio(reference_ms: list[float], variant_ms: list[float]) -> tuple[float, list[float]]:
+    """A speed-up over repeated measurements: the median of the repeats' ratios, and their min-max."""
+    ratios = [r / m for r, m in zip(reference_ms, variant_ms, strict=True)]
+    return float(np.median(ratios)), [min(ratios), max(ratios)]
+
+
 def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
               accuracy: Callable[[Variant], dict] | None = None) -> dict:
     """Measure every variant in one process; the first one is the reference (model A).
@@ -346,8 +352,7 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
         for t in settings.threads:
             for ratio, latency in ((f"latency_speedup_{t}t", f"latency_ms_{t}t_repeats"),
                                    (f"camera_speedup_{t}t", f"latency_camera_ms_{t}t_repeats")):
-                ratios = [r / m for r, m in zip(reference[latency], record[latency], strict=True)]
-                record[ratio], record[f"{ratio}_range"] = float(np.median(ratios)), [min(ratios), max(ratios)]
+                record[ratio], record[f"{ratio}_range"] = repeat_ratio(reference[latency], record[latency])
         record["size_reduction"] = reference["size_bytes"] / record["size_bytes"]
         if "map" in record:
             record["map_drop"] = reference["map"] - record["map"]

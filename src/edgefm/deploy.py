@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile
+from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile, repeat_ratio
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -281,10 +281,8 @@ def add_ratios_to(reference: dict, records: list[dict], threads: tuple[int, ...]
     ``camera_speedup_vs_a_ort_<n>t``, the median of the repeats' ratios, and its min-max range."""
     for record in records:
         for t in threads:
-            ratios = [r / m for r, m in zip(reference[f"latency_camera_ms_{t}t_repeats"],
-                                            record[f"latency_camera_ms_{t}t_repeats"], strict=True)]
-            record[f"camera_speedup_vs_a_ort_{t}t"] = float(np.median(ratios))
-            record[f"camera_speedup_vs_a_ort_{t}t_range"] = [min(ratios), max(ratios)]
+            name, latency = f"camera_speedup_vs_a_ort_{t}t", f"latency_camera_ms_{t}t_repeats"
+            record[name], record[f"{name}_range"] = repeat_ratio(reference[latency], record[latency])
 
 
 def end_to_end_ms(detector: EdgeDetector, split: CocoSplit, count: int) -> float:
