@@ -10,7 +10,7 @@ or QAT's 63) keep every pair within 2 x 255 x 64 = 32,640, so they cannot satura
 To see what a model computes without VNNI on any x86 machine, :func:`outputs_on_avx2` runs it under
 ``qemu-x86_64 -cpu Haswell`` (Debian's ``qemu-user``): user-mode emulation of an AVX2-only CPU, whose
 features ONNX Runtime detects and whose kernels it then takes. Emulation checks correctness only:
-it runs about 80 times slower, and its timings mean nothing.
+it runs far slower, and its timings mean nothing.
 """
 
 from __future__ import annotations
