@@ -1,14 +1,18 @@
 """Model B's study: the search on its own, then the whole stage in the smoke profile."""
 
+import json
+import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 
 from edgefm import smaller
 from edgefm.artifacts import artifacts_root
-from edgefm.compress.search import choose, run_search, trial_records
-from edgefm.config import SearchConfig, StudentConfig, load_profile
-from edgefm.smaller import ensure_smaller, load_b, search_storage, shipped_study, study_name
+from edgefm.compress.search import choose, from_params, run_search, trial_records
+from edgefm.config import MODES, SearchConfig, StudentConfig, load_profile
+from edgefm.finetune import WEIGHTS_ENV
+from edgefm.smaller import ensure_smaller, load_b, paired_gap, search_storage, shipped_study, study_name
 
 FIELDS = ("name", "format", "map", "map50", "latency_ms_1t", "latency_ms_2t", "latency_p90_ms_2t",
           "size_bytes", "params", "flops", "latency_speedup_2t", "size_reduction", "map_drop")
@@ -37,23 +41,31 @@ def test_the_search_starts_from_its_start_point_and_resumes_without_repeating(tm
         assert choose(records, 0.7)["map"] == max(r["map"] for r in fitting)
 
 
-def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir):
+def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir, tmp_path, monkeypatch):
     results = ensure_smaller("smoke", progress=False)
     settings = load_profile("smoke").smaller
     names = [r["name"] for r in results["variants"]]
     students = (*settings.students, *settings.long_students)
-    again_longer = [f"{s.name}, {settings.long_compute.steps:,d} steps" for s in settings.long_students
-                    if s.distill is None]
-    expected = ["A (PyTorch FP32)", "A pruned 0.5", *(s.name for s in students), *again_longer, "B"]
+    arms = [f"{settings.arm.name}, {mode}" for mode in MODES]
+    steps = settings.compare_compute.steps
+    expected = ["A (PyTorch FP32)", "A pruned 0.5", *arms, f"{settings.arm.name}, labels, {steps} steps",
+                "A continued", *(s.name for s in students), "B", f"A continued, {settings.final.steps} steps"]
     assert names == expected
     assert results["distillation_pairs"] == [[s.name, s.name.replace("distilled", "labels only")]
                                              for s in students if s.distill]
-    assert [pair[1] for pair in results["equal_compute_pairs"]] == again_longer
-    steps = {s["name"]: s["steps"] for s in results["students"]}
-    assert {steps[s.name] for s in settings.long_students} == {settings.long.steps}
-    assert {steps[name] for name in again_longer} == {settings.long_compute.steps}
-    assert results["b_training"]["steps"] == settings.final.steps
-    assert results["b_config"]["distill"] is None  # B learns from the labels alone
+    # every arm ran with every seed, at its budget
+    assert set(results["arms"]) == {*MODES, "labels, equal compute", smaller.CONTROL}
+    for arm, runs in results["arms"].items():
+        assert [r["seed"] for r in runs] == list(settings.seeds), arm
+        budget = steps if arm == "labels, equal compute" else settings.compare.steps
+        assert {r["steps"] for r in runs} == {budget}
+    verdicts = results["arm_verdicts"]
+    assert {"distill vs labels", "pool vs labels", "labels vs control", "control vs A"} <= set(verdicts)
+    assert all(v["seeds"] == len(settings.seeds) for v in verdicts.values())
+    assert results["pool"]["images"] == settings.pool_images and 0.1 <= results["pool"]["threshold"] < 0.95
+    assert results["b_training"]["steps"] == results["final_control"]["steps"] == settings.final.steps
+    assert results["b_mode"] in MODES  # the search chose how B learns
+    assert all("mode" in t for t in results["trials"])
     for record in results["variants"]:
         assert all(record[f] is not None for f in FIELDS), record["name"]
     assert len(results["trials"]) == 2 and results["b_record"]["name"] == "B"
@@ -65,6 +77,47 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     b = load_b("smoke")
     heat, boxes = b(torch.rand(1, 3, 64, 64))
     assert heat.shape[1] == 10 and boxes.shape[1] == 4
+
+    # B and its control, the runs too long for a build, ship; a build reads them instead of training
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
+    profile = load_profile("smoke")
+    shipped = smaller.ship_final(profile)
+    assert len(shipped) == 2 and all((p / "model.safetensors").is_file() for p in shipped)
+    assert not any((p / "checkpoint.pt").exists() for p in shipped)
+    assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(
+        profile="smoke")
+    found = smaller.Candidates(profile, progress=False)
+    b_spec = smaller.student_config(results["b_config"])
+    shutil.rmtree(found.folder(b_spec, profile.smaller.final))  # only the shipped copy is left
+    model, _ = found.trained(b_spec, profile.smaller.final)
+    assert found.shipped == [b_spec.name]
+    assert torch.equal(model.state_dict()["head.box.0.weight"], b.state_dict()["head.box.0.weight"])
+
+
+def test_a_gap_is_a_verdict_only_when_every_seed_agrees():
+    assert paired_gap([0.3, 0.32, 0.31], [0.29, 0.30, 0.30])["verdict"] == "higher in every seed"
+    assert paired_gap([0.28, 0.29, 0.29], [0.29, 0.30, 0.30])["verdict"] == "lower in every seed"
+    mixed = paired_gap([0.31, 0.29, 0.30], [0.30, 0.30, 0.30])
+    assert mixed["verdict"] == "within the seed spread" and mixed["range"] == pytest.approx([-0.01, 0.01])
+    assert paired_gap([0.3], [0.2])["verdict"] == "one seed: no verdict"
+
+
+def test_the_search_chooses_how_a_student_learns(tmp_path):
+    settings = SearchConfig(trials=4, depths=(1,), widths=(0.5,), heads=(0.0,), image_sizes=(64,))
+    start = StudentConfig("start", depth=1, width=0.5)  # distilled, with the default weights
+    seen, score = [], {"labels": 0.1, "distill": 0.2, "pool": 0.3}
+
+    def objective(spec, number):
+        seen.append(spec)
+        return score[spec.mode], 0.5
+
+    study = run_search(objective, settings, start, 64, f"sqlite:///{tmp_path / 'study.db'}")
+    assert seen[0].mode == "distill" and seen[0].distill == start.distill
+    for spec in seen:
+        assert (spec.distill is not None) == (spec.mode == "distill") and spec.pool == (spec.mode == "pool")
+    records = trial_records(study)
+    best = choose(records, 1.0)
+    assert from_params(start, best, "B").mode == best["mode"] == max((s.mode for s in seen), key=score.get)
 
 
 def test_a_shipped_study_seeds_the_stage_storage(tmp_path, monkeypatch):

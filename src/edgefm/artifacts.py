@@ -145,6 +145,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "pretrain": ("edgefm.pretrain",),
     "finetune": ("edgefm.finetune",),
     "students": ("edgefm.compress.distill", "edgefm.compress.students"),
+    "pseudo": ("edgefm.compress.pseudo",),
     "smaller": ("edgefm.smaller",),
     "quantization": ("edgefm.quantization",),
     "deployment": ("edgefm.deploy", "edgefm.runtime"),

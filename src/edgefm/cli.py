@@ -298,6 +298,11 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
     results = ensure_smaller(profile)
     _print_variants(results["variants"], profile.smaller.bench.threads)
     print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
+    if args.ship:
+        from edgefm.smaller import ship_final
+
+        for path in ship_final(profile):
+            print(f"shipped: {path}")
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -468,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: SQLite in the stage folder)")
     smaller.add_argument("--trials", type=_at_least(1), default=None, help="finished trials the search needs "
                          "(default: the profile's)")
+    smaller.add_argument("--ship", action="store_true", help="copy B and its control (the runs too long "
+                         "for the build) to weights/students-<profile>/, where builds read them")
     smaller.set_defaults(run=_cmd_smaller)
 
     compress = commands.add_parser("compress", help="the whole pipeline: A -> B (smaller) -> C (B in INT8), "

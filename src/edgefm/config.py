@@ -205,7 +205,8 @@ class StudentConfig:
     ``scope`` and ``heads`` of every block's heads pruned, see :mod:`edgefm.compress.prune`;
     weights from ``init``: ``"teacher"``, ``"mae"`` or ``"random"``) or a ``timm`` model name
     read at ``stride`` (random weights), whose pyramid and head are ``channels`` and
-    ``head_hidden`` wide (0: A's). ``distill`` None trains on the labels alone.
+    ``head_hidden`` wide (0: A's). ``distill`` None trains on the labels alone; ``pool`` adds
+    A's pseudo-labels on the unlabelled pool to the labels (:mod:`edgefm.compress.pseudo`).
     """
 
     name: str
@@ -220,7 +221,23 @@ class StudentConfig:
     channels: int = 0
     head_hidden: int = 0
     distill: DistillWeights | None = field(default_factory=DistillWeights)
+    pool: bool = False
     seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        """How it learns: ``"labels"``, ``"distill"`` (from A, online) or ``"pool"`` (pseudo-labels)."""
+        return "distill" if self.distill else "pool" if self.pool else "labels"
+
+    def with_mode(self, mode: str, weights: DistillWeights | None = None) -> StudentConfig:
+        """This student, learning in ``mode`` (see :attr:`mode`)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown training mode {mode!r}; use one of {', '.join(MODES)}")
+        return replace(self, distill=(weights or DistillWeights()) if mode == "distill" else None,
+                       pool=mode == "pool")
+
+
+MODES = ("labels", "distill", "pool")
 
 
 @dataclass(frozen=True)
@@ -238,9 +255,10 @@ class StudentTraining:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The ``optuna`` search over ViT students: ``trials`` trials (the first is ``start``), each
-    trained for the comparison budget and scored on val mAP and 2-thread latency as a fraction of
-    A's, measured beside A. ``storage`` is an optuna storage URL (empty: SQLite in the stage's
+    """The ``optuna`` search over ViT students and how they learn (``modes``; the distillation
+    weights only where the mode is ``"distill"``): ``trials`` trials (the first is ``start``), each
+    trained for the comparison budget and scored on val mAP and 2-thread camera-rate latency as a
+    fraction of A's, measured beside A. ``storage`` is an optuna storage URL (empty: SQLite in the stage's
     folder); ``latency_budget`` is the largest fraction of A's latency B may take."""
 
     trials: int = 12
@@ -250,6 +268,7 @@ class SearchConfig:
     widths: tuple[float, ...] = (0.375, 0.5, 0.625)
     heads: tuple[float, ...] = (0.0, 0.34)
     image_sizes: tuple[int, ...] = (96, 112, 128)
+    modes: tuple[str, ...] = MODES
     heatmap_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
     feature_weights: tuple[float, ...] = (0.0, 1.0)
     seed: int = 0
@@ -257,22 +276,26 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class SmallerConfig:
-    """Model B: pruning curves of A, the students compared with and without distillation (at the
-    ``compare`` budget; ``long_students`` at the ``long`` one, and their labels-only student again
-    at ``long_compute``, about the distilled run's compute), the search, and B: the chosen trial's
-    student trained on the labels alone for the ``final`` budget."""
+    """Model B: pruning curves of A; the ``arm`` student trained in every training mode with each
+    of ``seeds`` at the ``compare`` budget, beside the control (A itself trained as long) and the
+    labels-only arm again at ``compare_compute`` (about a distilled run's compute); other students
+    with and without distillation (``students`` at the ``compare`` budget, ``long_students`` at
+    the ``long`` one); the search; and B: the chosen trial's student, in the trial's mode, for the
+    ``final`` budget. ``pool_images`` of the pool get A's pseudo-labels."""
 
     pruning_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    arm: StudentConfig = StudentConfig("ViT from A", depth=3, width=0.5, distill=None)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    compare_compute: StudentTraining = field(
+        default_factory=lambda: StudentTraining(steps=350, warmup_steps=20))
+    pool_images: int = 8000
     students: tuple[StudentConfig, ...] = (
-        StudentConfig("ViT from A, distilled", depth=3, width=0.5),
-        StudentConfig("ViT from A, labels only", depth=3, width=0.5, distill=None),
         StudentConfig("MobileNetV4, distilled", kind="mobilenetv4_conv_small", channels=48, head_hidden=24),
         StudentConfig("MobileNetV4, labels only", kind="mobilenetv4_conv_small", channels=48,
                       head_hidden=24, distill=None),
     )
-    # The comparisons run short (a student cut from A learns most in its first few hundred steps),
-    # B runs longer; B trains on the labels alone, which an earlier build found better at equal
-    # compute (a distilled step also runs A): the smaller-model chapter measures it again.
+    # The comparisons run short (a student cut from A learns most in its first few hundred steps);
+    # B runs longer, in the mode the search chose
     compare: StudentTraining = field(default_factory=lambda: StudentTraining(steps=200, warmup_steps=20))
     # A student that does not start from A's weights learns next to nothing in 200 steps; at
     # 1,200 it does, and that is where distillation can show
@@ -281,12 +304,9 @@ class SmallerConfig:
         StudentConfig("ViT from MAE, labels only", init="mae", depth=3, width=0.5, distill=None),
     )
     long: StudentTraining = field(default_factory=lambda: StudentTraining(steps=1200, warmup_steps=50))
-    long_compute: StudentTraining = field(
-        default_factory=lambda: StudentTraining(steps=2400, warmup_steps=50))
     final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=3200, warmup_steps=50))
     search: SearchConfig = field(default_factory=SearchConfig)
     search_start: StudentConfig = StudentConfig("search start", depth=3, width=0.5, heads=0.34)
-    search_runs: int = 30  # timed runs per trial (beside A, 2 threads)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
@@ -340,17 +360,20 @@ def _smoke() -> Profile:
     quick = BenchConfig(runs=5, warmup=1, throughput_batch=4, memory=False, camera_frames=3)
     smaller = SmallerConfig(
         pruning_ratios=(0.5,),
+        arm=StudentConfig("ViT from A", depth=1, width=0.5, distill=None),
+        seeds=(0, 1),
+        compare_compute=StudentTraining(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3),
+        pool_images=16,
         students=tuple(replace(s, depth=min(s.depth, 1), channels=min(s.channels, 16),
                                head_hidden=min(s.head_hidden, 16))
                        for s in SmallerConfig().students),
         long_students=tuple(replace(s, depth=1) for s in SmallerConfig().long_students),
         compare=StudentTraining(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2),
         long=StudentTraining(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3),
-        long_compute=StudentTraining(steps=12, batch_size=4, warmup_steps=1, checkpoint_every=6),
         final=StudentTraining(steps=12, batch_size=4, warmup_steps=1, checkpoint_every=6),
         search=SearchConfig(trials=2, depths=(1, 2), widths=(0.25, 0.5), heads=(0.0,), image_sizes=(48, 64)),
         search_start=StudentConfig("search start", depth=1, width=0.5),
-        search_runs=5, bench=quick,
+        bench=quick,
     )
     return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, label_fractions=(0.3, 1.0),
                    schedule_factors=(0.5,), retrace_steps=3,

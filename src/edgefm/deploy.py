@@ -361,8 +361,12 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     """
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
-    key = {"quantize": profile.quantize, "smaller": profile.smaller, "model_a": trained.identity,
-           "data": profile.data, "agreement_images": profile.agreement_images}
+    # what it consumes, by the keys of those results (their folders' names): a new B or a new
+    # quantization study is a new deployment, whatever changed them
+    consumed = {"quantization": Path(ensure_quantization(profile, progress)["folder"]).name,
+                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name}
+    key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
+           "agreement_images": profile.agreement_images}
     target = stage_dir(profile.name, "deployment", key)
     ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
     results = json.loads((target / "results.json").read_text(encoding="utf-8"))

@@ -150,10 +150,10 @@ def _empty(truth: COCO) -> dict:
     return metrics
 
 
-def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
-                   batch_size: int = 32, bootstrap: int = 0) -> dict:
-    """COCO metrics of any model (PyTorch, ONNX Runtime, ...) on a split, through one decoder;
-    ``bootstrap`` > 0 adds ``map_ci`` (see :func:`coco_evaluate`)."""
+def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
+                  batch_size: int = 32) -> list[dict]:
+    """COCO result records of any model (PyTorch, ONNX Runtime, ...) on a split's images, through
+    one decoder, in the original images' pixels."""
     dataset = CocoDetection(split, detection_transforms(cfg.image_size, train=False))
     records: list[dict] = []
     for start in range(0, len(dataset), batch_size):
@@ -162,7 +162,14 @@ def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride:
                        score_threshold=cfg.score_threshold)
         records += to_coco_results(found, [t["image_id"] for t in targets], [t["scale"] for t in targets],
                                    dataset.category_ids)
-    return coco_evaluate(split.annotations, records, bootstrap)
+    return records
+
+
+def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
+                   batch_size: int = 32, bootstrap: int = 0) -> dict:
+    """COCO metrics of any model on a split (:func:`predict_split`); ``bootstrap`` > 0 adds
+    ``map_ci`` (see :func:`coco_evaluate`)."""
+    return coco_evaluate(split.annotations, predict_split(run, split, cfg, stride, batch_size), bootstrap)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

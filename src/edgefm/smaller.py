@@ -6,12 +6,17 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 
 1. **pruning curves**: A with ``ratio`` of its heads and MLP channels removed, scored before and
    after a fine-tune at the comparison budget;
-2. **students**: the configured ViT and mobile students, each with and without distillation, at
-   the same budget (the comparison's, or a longer one for students that start from further away);
-3. **search**: :func:`~edgefm.compress.search.run_search` over ViT students, on val mAP and
-   latency as a fraction of A's;
-4. **B**: the most accurate trial within the latency budget, trained again on the labels alone
-   for the final budget (at equal compute the labels beat distillation: see the students).
+2. **training modes**: one ViT student cut from A trained on the labels alone, distilled from A
+   online, and on the labels plus A's pseudo-labels on the unlabelled pool
+   (:mod:`edgefm.compress.pseudo`), with several seeds, beside the *control*: A itself trained as
+   long the same way, so a student's gain over A is never extra training in disguise; the
+   labels-only arm runs again for about a distilled run's compute (:func:`paired_gap` judges);
+3. **other students**: a mobile CNN, and a ViT started from the MAE encoder, with and without
+   distillation (one seed each);
+4. **search**: :func:`~edgefm.compress.search.run_search` over ViT students and training modes,
+   on val mAP and camera-rate latency as a fraction of A's;
+5. **B**: the most accurate trial within the latency budget, trained again in its mode for the
+   final budget, beside A continued for as long.
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; one
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file, save_file
+from torch.utils.data import ConcatDataset, Dataset
 
 from edgefm.artifacts import (
     artifacts_root,
@@ -37,28 +45,47 @@ from edgefm.artifacts import (
     plain,
     project_root,
     stage_dir,
+    stage_versions,
     write_metrics,
 )
-from edgefm.bench import benchmark, latencies, module_variant
+from edgefm.bench import benchmark, camera_latencies, module_variant
 from edgefm.compress.distill import train_student
+from edgefm.compress.pseudo import label_pool
 from edgefm.compress.search import choose, from_params, run_search, trial_records
 from edgefm.compress.students import build_student
-from edgefm.config import DistillWeights, Profile, StudentConfig, StudentTraining, load_profile
+from edgefm.config import MODES, DistillWeights, Profile, StudentConfig, StudentTraining, load_profile
 from edgefm.data import ensure_dataset
-from edgefm.data.coco import CocoDetection
+from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
-from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+from edgefm.finetune import ensure_finetuned, load_detector, torch_runner, weights_root
 from edgefm.models.detector import Detector
 from edgefm.training import TrainState
 
 WEIGHTS = "model.safetensors"
+SHIP_COMMAND = "edgefm --profile {profile} smaller --ship"
+CONTROL = "control"  # the arm of A itself, trained as long as the students
 
 
 def pruned(ratio: float) -> StudentConfig:
-    """A with ``ratio`` of every block's heads and MLP channels removed, fine-tuned on the labels
-    (a student cut from A gained nothing from distillation, see :mod:`edgefm.smaller`'s students)."""
+    """A with ``ratio`` of every block's heads and MLP channels removed, fine-tuned on the labels."""
     return StudentConfig(f"A pruned {ratio:g}", width=ratio, heads=ratio, scope="blocks", distill=None)
+
+
+def continued(seed: int = 0) -> StudentConfig:
+    """The control: A itself (nothing cut), trained on the labels like a student."""
+    return StudentConfig("A continued", distill=None, seed=seed)
+
+
+def paired_gap(arm: list[float], reference: list[float]) -> dict:
+    """``arm`` minus ``reference``, seed by seed (the same seeds, so the same data order): the
+    mean gap, the range of the per-seed gaps, and the verdict the book may print: higher or lower
+    only when every seed agrees, else within the seed spread."""
+    gaps = np.asarray(arm, dtype=float) - np.asarray(reference, dtype=float)
+    verdict = ("higher in every seed" if gaps.min() > 0 else "lower in every seed" if gaps.max() < 0
+               else "within the seed spread")
+    return {"gap": float(gaps.mean()), "range": [float(gaps.min()), float(gaps.max())], "seeds": len(gaps),
+            "verdict": verdict if len(gaps) > 1 else "one seed: no verdict"}
 
 
 class Candidates:
@@ -77,6 +104,30 @@ class Candidates:
 
             self.mae_source = ensure_pretrained(profile, progress=progress).source
         self.profile, self.progress, self.model_a = profile, progress, trained.identity
+        self._pool: tuple[Dataset, dict, str] | None = None
+        self.shipped: list[str] = []  # names of the candidates read from weights/, not trained here
+
+    def pool(self) -> tuple[Dataset, dict, str]:
+        """The train scenes plus the pool with A's pseudo-labels, what labelling decided, and the
+        labels' folder name (their key); labelled once per A and kept under ``pseudo/``."""
+        if self._pool is None:
+            if self.dataset.pool is None:
+                raise ValueError(f"{self.dataset.root}: this dataset has no unlabelled pool to pseudo-label; "
+                                 "leave 'pool' out of the training modes")
+            key = {"model_a": self.model_a, "data": self.profile.data,
+                   "images": self.profile.smaller.pool_images}
+            target = ensure_dir(stage_dir(self.profile.name, "pseudo", key), self._label, config=key)
+            pool = CocoDetection(CocoSplit(target / "pool.json", self.dataset.pool),
+                                 detection_transforms(self.detector.image_size, train=True))
+            record = json.loads((target / "labelling.json").read_text(encoding="utf-8"))
+            self._pool = ConcatDataset([self.train, pool]), record, target.name
+        return self._pool
+
+    def _label(self, work: Path) -> None:
+        start = time.perf_counter()
+        record = label_pool(torch_runner(self.teacher), self.teacher.stride, self.detector, self.dataset.val,
+                            self.dataset.pool, self.profile.smaller.pool_images, work)
+        atomic_write_json(work / "labelling.json", {**record, "seconds": time.perf_counter() - start})
 
     def build(self, spec: StudentConfig) -> Detector:
         return build_student(spec, self.teacher, self.detector, self.backbone, self.mae_source)
@@ -86,6 +137,8 @@ class Candidates:
         code that trains it, so every study, trial and rebuild that asks for it shares one run."""
         key = {"student": replace(spec, name=""), "training": training, "model_a": self.model_a,
                "data": self.profile.data}
+        if spec.pool:
+            key["pseudo_labels"] = self.pool()[2]
         return stage_dir(self.profile.name, "students", key)
 
     def trained(self, spec: StudentConfig, training: StudentTraining) -> tuple[Detector, TrainState]:
@@ -93,15 +146,21 @@ class Candidates:
 
         def build(work: Path) -> None:
             model = self.build(spec)
-            state = train_student(model, self.teacher, spec.distill, self.train, training, work, spec.seed,
+            data = self.pool()[0] if spec.pool else self.train
+            state = train_student(model, self.teacher, spec.distill, data, training, work, spec.seed,
                                   self.progress, desc=spec.name)
             with atomic_path(work / WEIGHTS) as tmp:
                 save_file(model.state_dict(), str(tmp))
             atomic_write_json(work / "train_state.json", asdict(state))
             (work / "checkpoint.pt").unlink(missing_ok=True)
 
-        target = ensure_dir(self.folder(spec, training), build,
-                            config={"student": spec, "training": training})
+        folder = self.folder(spec, training)
+        shipped = shipped_students(self.profile) / folder.name  # same key, same name
+        if (shipped / WEIGHTS).is_file():
+            self.shipped.append(spec.name)
+            target = shipped
+        else:
+            target = ensure_dir(folder, build, config={"student": spec, "training": training})
         model = self.build(spec)
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
@@ -109,6 +168,37 @@ class Candidates:
 
     def val_map(self, model: Detector) -> float:
         return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+
+
+def shipped_students(profile: Profile) -> Path:
+    """Where the book ships the candidates too long to train in the build (B and its control),
+    each in a folder named by its key, as under ``artifacts/<profile>/students/``."""
+    return weights_root() / f"students-{profile.name}"
+
+
+def ship_final(profile: Profile | str | None = None) -> list[Path]:
+    """Copy B and its control (the study's ``final``-budget runs) to :func:`shipped_students`,
+    with the command that made them, so a build reads them instead of training them."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    results = ensure_smaller(profile)
+    found = Candidates(profile, progress=False)
+    copied = []
+    for spec in (student_config(results["b_config"]), continued()):
+        source = found.folder(spec, profile.smaller.final)
+        target = shipped_students(profile) / source.name
+        if not source.is_dir():  # read from weights/ already
+            continue
+        shutil.copytree(source, target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoint.pt", "*.partial"))
+        atomic_write_json(target / "made_by.json", {"command": SHIP_COMMAND.format(profile=profile.name),
+                                                    "name": spec.name})
+        copied.append(target)
+    return copied
+
+
+def student_config(record: dict) -> StudentConfig:
+    """A :class:`StudentConfig` from its JSON record."""
+    return StudentConfig(**{**record, "distill": record["distill"] and DistillWeights(**record["distill"])})
 
 
 def distillation_pairs(specs: tuple[StudentConfig, ...]) -> list[list[str]]:
@@ -123,11 +213,13 @@ def distillation_pairs(specs: tuple[StudentConfig, ...]) -> list[list[str]]:
 
 def study_name(profile: Profile, model_a: str) -> str:
     """The search's name in its storage: trials are shared only by searches of the same A, the
-    same choices, the same comparison budget and the same way of timing them."""
+    same choices, the same comparison budget, the same pseudo-labels, the same code training the
+    students and the same way of timing them."""
     settings = profile.smaller
     key = config_hash({"search": settings.search, "start": settings.search_start, "compare": settings.compare,
                        "model_a": model_a, "data": profile.data, "timing": settings.bench,
-                       "timed_runs": settings.search_runs})
+                       "regime": "camera", "pool_images": settings.pool_images,
+                       "code": {s: stage_versions()[s]["version"] for s in ("students", "pseudo")}})
     return f"model-b-{profile.name}-{key[:12]}"
 
 
@@ -148,6 +240,43 @@ def search_storage(profile: Profile) -> str:
     return f"sqlite:///{local.resolve()}"
 
 
+def _arms(found: Candidates, models: dict) -> dict:
+    """The arm student in every mode and the control, each with every seed, at the comparison
+    budget; the labels-only arm again at about a distilled run's compute; and the verdicts."""
+    settings = found.profile.smaller
+    modes = [m for m in MODES if m != "pool" or found.dataset.pool is not None]
+    arms: dict[str, list[dict]] = {}
+
+    def run(arm: str, spec: StudentConfig, training: StudentTraining) -> None:
+        model, state = found.trained(spec, training)
+        if spec.seed == settings.seeds[0]:
+            models[spec.name] = model
+        arms.setdefault(arm, []).append({"seed": spec.seed, "steps": training.steps,
+                                         "val_map": found.val_map(model), "train_seconds": state.seconds})
+
+    for seed in settings.seeds:
+        for mode in modes:
+            run(mode, replace(settings.arm.with_mode(mode), name=f"{settings.arm.name}, {mode}", seed=seed),
+                settings.compare)
+        steps = settings.compare_compute.steps
+        run("labels, equal compute",
+            replace(settings.arm.with_mode("labels"), seed=seed,
+                    name=f"{settings.arm.name}, labels, {steps} steps"),
+            settings.compare_compute)
+        run(CONTROL, continued(seed), settings.compare)
+    val = {arm: [r["val_map"] for r in runs] for arm, runs in arms.items()}
+    a_val = found.val_map(found.teacher)
+    verdicts = {f"{arm} vs labels": paired_gap(val[arm], val["labels"]) for arm in arms if arm != "labels"}
+    verdicts.update({f"{arm} vs {CONTROL}": paired_gap(val[arm], val[CONTROL])
+                     for arm in arms if arm != CONTROL})
+    verdicts[f"{CONTROL} vs A"] = paired_gap(val[CONTROL], [a_val] * len(val[CONTROL]))
+    summary = {arm: {"mean": float(np.mean(v)), "range": [float(min(v)), float(max(v))],
+                     "train_seconds": float(np.mean([r["train_seconds"] for r in arms[arm]]))}
+               for arm, v in val.items()}
+    return {"arms": arms, "arm_summary": summary, "arm_verdicts": verdicts, "modes": modes,
+            "pool": found.pool()[1] if "pool" in modes else None}
+
+
 def _build(work: Path, profile: Profile, progress: bool) -> None:
     settings = profile.smaller
     found = Candidates(profile, progress)
@@ -164,27 +293,16 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         curve.append({"ratio": ratio, "name": spec.name, "val_map_before": found.val_map(before),
                       "val_map_after": found.val_map(after), "train_seconds": state.seconds})
     results["pruning"] = curve
+    results.update(_arms(found, models))
 
     students = []
-
-    def student(spec: StudentConfig, training: StudentTraining) -> None:
-        model, state = found.trained(spec, training)
-        models[spec.name] = model
-        students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
-                         "val_map": found.val_map(model), "train_seconds": state.seconds})
-
     for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
         for spec in specs:
-            student(spec, training)
-    # each labels-only long student again, for about as long as its distilled twin took
-    equal_compute = []
-    for distilled, labels_only in distillation_pairs(settings.long_students):
-        spec = next(s for s in settings.long_students if s.name == labels_only)
-        spec = replace(spec, name=f"{labels_only}, {settings.long_compute.steps:,d} steps")
-        student(spec, settings.long_compute)
-        equal_compute.append([distilled, spec.name])
-    results.update(students=students, equal_compute_pairs=equal_compute,
-                   distillation_pairs=distillation_pairs(settings.students)
+            model, state = found.trained(spec, training)
+            models[spec.name] = model
+            students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
+                             "val_map": found.val_map(model), "train_seconds": state.seconds})
+    results.update(students=students, distillation_pairs=distillation_pairs(settings.students)
                    + distillation_pairs(settings.long_students))
 
     ran: list[int] = []
@@ -192,21 +310,27 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     def objective(spec: StudentConfig, number: int) -> tuple[float, float]:
         ran.append(number)
         model, _ = found.trained(spec, settings.compare)
-        timing = latencies([model_a, module_variant(model, size, spec.name)], size, 2,
-                           replace(settings.bench, runs=settings.search_runs))
-        return found.val_map(model), timing[spec.name]["median_ms"] / timing[model_a.name]["median_ms"]
+        timing = camera_latencies([model_a, module_variant(model, size, spec.name)], size, 2, settings.bench)
+        return found.val_map(model), timing[spec.name] / timing[model_a.name]
 
     search = settings.search
+    if found.dataset.pool is None:
+        search = replace(search, modes=tuple(m for m in search.modes if m != "pool"))
     study = run_search(objective, search, settings.search_start, size, search_storage(profile),
                        name=study_name(profile, found.model_a))
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
-    b_spec = replace(from_params(settings.search_start, chosen, "B"), distill=None)
+    b_spec = from_params(settings.search_start, chosen, "B")
     model, state = found.trained(b_spec, settings.final)
     models["B"] = model
-    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec),
+    control, control_state = found.trained(continued(), settings.final)
+    models[f"A continued, {settings.final.steps} steps"] = control
+    results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
+                   shipped=found.shipped, ship_command=SHIP_COMMAND.format(profile=profile.name),
                    b_training={"steps": settings.final.steps, "train_seconds": state.seconds,
                                "val_map": found.val_map(model)},
+                   final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,
+                                  "val_map": found.val_map(control)},
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
@@ -239,7 +363,5 @@ def load_b(profile: Profile | str | None = None) -> Detector:
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     results = ensure_smaller(profile, progress=False)
     found = Candidates(profile, progress=False)
-    config = results["b_config"]
-    spec = StudentConfig(**{**config, "distill": config["distill"] and DistillWeights(**config["distill"])})
-    model, _ = found.trained(spec, profile.smaller.final)
+    model, _ = found.trained(student_config(results["b_config"]), profile.smaller.final)
     return model

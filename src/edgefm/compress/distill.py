@@ -5,9 +5,12 @@ is a per-class sigmoid, so the soft target of each cell and class is ``sigmoid(t
 and the loss is the binary cross-entropy of the student's ``logit / T`` against it, scaled by
 ``T**2`` so its gradients keep their size as ``T`` changes. The box distances are imitated where
 the teacher sees an object (an L1 loss weighted by the teacher's highest class probability), and
-the neck's feature map is imitated through a learned 1x1 projection when the widths differ, in the
-manner of fine-grained feature imitation for detectors (Wang et al., 2019). All three are added to
-the ordinary detection loss on the labels.
+the neck's feature map is imitated through a learned 1x1 projection when the widths differ, near
+objects only, as in fine-grained feature imitation for detectors (Wang et al., 2019). Wang et al.
+pick the imitated cells with the anchors' overlap with the ground truth; this detector has no
+anchors, so each cell is weighted by the teacher's highest class probability there, the weight
+the box term uses: the background, most of every map, would otherwise dominate the imitation.
+All three are added to the ordinary detection loss on the labels.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from edgefm.config import DistillWeights, StudentTraining
-from edgefm.data.coco import CocoDetection
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
 from edgefm.training import Schedule, StepData, TrainState, fit
@@ -37,6 +40,13 @@ def box_distillation(student: torch.Tensor, teacher: torch.Tensor,
     """L1 between box distances (B, 4, h, w), weighted by the teacher's confidence at each cell."""
     weight = torch.sigmoid(teacher_heat).amax(dim=1, keepdim=True)
     return (weight * (student - teacher).abs()).sum() / (4 * weight.sum()).clamp(min=1e-6)
+
+
+def feature_imitation(student: torch.Tensor, teacher: torch.Tensor,
+                      teacher_heat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between feature maps (B, C, h, w), weighted by the teacher's confidence."""
+    weight = torch.sigmoid(teacher_heat).amax(dim=1, keepdim=True)
+    return (weight * (student - teacher).pow(2)).sum() / (student.shape[1] * weight.sum()).clamp(min=1e-6)
 
 
 def neck_channels(model: Detector) -> int:
@@ -84,7 +94,8 @@ class Distiller(nn.Module):
         losses = {
             "heatmap": w.heatmap * heatmap_distillation(heat, teacher_heat, w.temperature),
             "boxes": w.boxes * box_distillation(boxes, teacher_boxes, teacher_heat),
-            "features": w.features * F.mse_loss(self.project(features), teacher_features),
+            "features": w.features * feature_imitation(self.project(features), teacher_features,
+                                                       teacher_heat),
         }
         return (heat, boxes), losses
 
@@ -104,7 +115,7 @@ def student_loss(model: Detector | Distiller, batch: tuple[torch.Tensor, dict]) 
 
 
 def train_student(student: Detector, teacher: Detector | None, weights: DistillWeights | None,
-                  train: CocoDetection, cfg: StudentTraining, work: Path, seed: int = 0,
+                  train: Dataset, cfg: StudentTraining, work: Path, seed: int = 0,
                   progress: bool = True, desc: str = "student", device: str = "auto") -> TrainState:
     """Train ``student`` on ``train`` (distilled from ``teacher`` when ``weights`` is given) for
     ``cfg.steps``; checkpoints in ``work`` let a killed run continue exactly. Returns the history;

@@ -1,9 +1,10 @@
 """The search for model B with ``optuna``: two objectives, val mAP up and measured latency down.
 
-Each trial picks a ViT student's depth, width, head pruning, input resolution and distillation
-weights (:class:`~edgefm.config.SearchConfig` lists the choices), trains it for the comparison budget,
-and is scored on the val scenes and on its 2-thread latency *as a fraction of A's*, timed beside A
-in the same interleaved run, so the objective does not drift with the machine. The sampler is
+Each trial picks a ViT student's depth, width, head pruning, input resolution and how it learns
+(labels, distillation with its weights, or pseudo-labels; :class:`~edgefm.config.SearchConfig`
+lists the choices), trains it for the comparison budget, and is scored on the val scenes and on
+its 2-thread latency with frames arriving at camera rate *as a fraction of A's*, timed beside A in
+the same run, so the objective does not drift with the machine. The sampler is
 optuna's multi-objective TPE, seeded; the first trial is the hand-picked starting point, so the
 search can only improve on it. The study lives in an optuna storage (an SQLite file by default, or
 any database URL, which lets several machines share one study); a killed search keeps its
@@ -23,32 +24,39 @@ Objective = Callable[[StudentConfig, int], tuple[float, float]]  # spec, trial n
 
 
 def suggest(trial: optuna.Trial, settings: SearchConfig, start: StudentConfig) -> StudentConfig:
-    """The student a trial asks for: ``start`` with the searched knobs replaced."""
+    """The student a trial asks for: ``start`` with the searched knobs replaced (the distillation
+    weights are knobs only of trials that distill)."""
     params = {
         "depth": trial.suggest_categorical("depth", list(settings.depths)),
         "width": trial.suggest_categorical("width", list(settings.widths)),
         "heads": trial.suggest_categorical("heads", list(settings.heads)),
         "image_size": trial.suggest_categorical("image_size", list(settings.image_sizes)),
-        "heatmap_weight": trial.suggest_categorical("heatmap_weight", list(settings.heatmap_weights)),
-        "feature_weight": trial.suggest_categorical("feature_weight", list(settings.feature_weights)),
+        "mode": trial.suggest_categorical("mode", list(settings.modes)),
     }
+    if params["mode"] == "distill":
+        params["heatmap_weight"] = trial.suggest_categorical("heatmap_weight", list(settings.heatmap_weights))
+        params["feature_weight"] = trial.suggest_categorical("feature_weight", list(settings.feature_weights))
     return from_params(start, params, f"trial {trial.number}")
 
 
 def from_params(start: StudentConfig, params: dict, name: str) -> StudentConfig:
     """``start`` with a trial's knobs."""
-    weights = replace(start.distill or DistillWeights(), heatmap=params["heatmap_weight"],
-                      features=params["feature_weight"])
-    return replace(start, name=name, depth=params["depth"], width=params["width"], heads=params["heads"],
-                   image_size=params["image_size"], distill=weights)
+    weights = None
+    if params["mode"] == "distill":
+        weights = replace(start.distill or DistillWeights(), heatmap=params["heatmap_weight"],
+                          features=params["feature_weight"])
+    shape = replace(start, name=name, depth=params["depth"], width=params["width"], heads=params["heads"],
+                    image_size=params["image_size"])
+    return shape.with_mode(params["mode"], weights)
 
 
 def start_params(start: StudentConfig, image_size: int) -> dict:
     """``start`` as trial parameters (for ``enqueue_trial``); ``image_size`` is A's."""
-    weights = start.distill or DistillWeights()
-    return {"depth": start.depth, "width": start.width, "heads": start.heads,
-            "image_size": start.image_size or image_size,
-            "heatmap_weight": weights.heatmap, "feature_weight": weights.features}
+    params = {"depth": start.depth, "width": start.width, "heads": start.heads,
+              "image_size": start.image_size or image_size, "mode": start.mode}
+    if start.distill:
+        params.update(heatmap_weight=start.distill.heatmap, feature_weight=start.distill.features)
+    return params
 
 
 def run_search(objective: Objective, settings: SearchConfig, start: StudentConfig, image_size: int,
