@@ -240,7 +240,7 @@ def search_storage(profile: Profile) -> str:
     return f"sqlite:///{local.resolve()}"
 
 
-def _arms(found: Candidates, models: dict) -> dict:
+def _arms(found: Candidates, models: dict, a_val: float) -> dict:
     """The arm student in every mode and the control, each with every seed, at the comparison
     budget; the labels-only arm again at about a distilled run's compute; and the verdicts."""
     settings = found.profile.smaller
@@ -265,7 +265,6 @@ def _arms(found: Candidates, models: dict) -> dict:
             settings.compare_compute)
         run(CONTROL, continued(seed), settings.compare)
     val = {arm: [r["val_map"] for r in runs] for arm, runs in arms.items()}
-    a_val = found.val_map(found.teacher)
     verdicts = {f"{arm} vs labels": paired_gap(val[arm], val["labels"]) for arm in arms if arm != "labels"}
     verdicts.update({f"{arm} vs {CONTROL}": paired_gap(val[arm], val[CONTROL])
                      for arm in arms if arm != CONTROL})
@@ -293,7 +292,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         curve.append({"ratio": ratio, "name": spec.name, "val_map_before": found.val_map(before),
                       "val_map_after": found.val_map(after), "train_seconds": state.seconds})
     results["pruning"] = curve
-    results.update(_arms(found, models))
+    results.update(_arms(found, models, results["a_val_map"]))
 
     students = []
     for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefm.artifacts import atomic_write_json
 from edgefm.config import DetectorConfig
 from edgefm.data.coco import CocoSplit, validate_coco
 from edgefm.evaluate import box_iou, predict_split
@@ -97,8 +98,6 @@ def label_pool(run: RunModel, stride: float, cfg: DetectorConfig, val: CocoSplit
 
     Writes ``work/pool.json`` (a COCO file for the pool's images) and returns what was decided:
     the threshold, every threshold's val F1, and how many images and boxes the pool got."""
-    from edgefm.artifacts import atomic_write_json
-
     truth = validate_coco(val.annotations)
     threshold, f1 = best_threshold(predict_split(run, val, cfg, stride), truth)
     unlabelled = unlabelled_coco(pool, truth["categories"], limit)
