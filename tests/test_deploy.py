@@ -178,6 +178,7 @@ def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_va
                           record("INT8 static-s8s8", 3.0, 3.6, 0.0, same=False),  # saturates without VNNI
                           record("INT8 static-mixed", 2.5, 3.6, 0.0)]}  # A's own layer list: not for B
     assert choose_recipe(study) == "INT8 QAT"
+    assert choose_recipe(study, post_training=True) == "INT8 static-minmax"  # the peer's: no QAT
     study["variants"][2]["val_map_drop"] = 0.03  # QAT now too inaccurate on val (eval never decides)
     assert choose_recipe(study) == "INT8 static-minmax"
     for variant in study["variants"][1:]:
@@ -196,7 +197,8 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     results = compress("smoke", progress=False)
     names = [r["name"] for r in results["variants"]]
     assert names == ["A (PyTorch FP32)", "A (ONNX Runtime FP32)", f"A {results['recipe']}",
-                     "B (PyTorch FP32)", "B (ONNX Runtime FP32)", "C (ONNX INT8)", "C (.ort)"]
+                     "B (PyTorch FP32)", "B (ONNX Runtime FP32)", "C (ONNX INT8)", "C (.ort)",
+                     "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"]
     for record in results["variants"]:
         assert record["map"] is not None and record["latency_ms_1t"] > 0 and record["latency_ms_2t"] > 0
     folder = Path(results["bundle_folder"])
@@ -207,6 +209,16 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     summary = read_metrics("smoke", "summary")
     assert summary["C"] == c and summary["latency_speedup_2t"] == c["latency_speedup_2t"]
     assert summary["map_drop"] == pytest.approx((summary["A"]["map"] - c["map"]) * 100)
+    # the drop's interval is a paired bootstrap over the eval images, in points, and judges the target
+    low, high = summary["map_drop_ci"]
+    assert low <= high and summary["A"]["map_ci"][0] <= summary["A"]["map"] <= summary["A"]["map_ci"][1]
+    drop = next(t for t in summary["targets"] if t["metric"] == "map_drop")
+    assert drop["interval"] == pytest.approx([low / 100, high / 100])
+    # the peer: trained and quantized post-training, in the same benchmark, compared with C
+    peer = summary["peer"]
+    assert peer["recipe"] != "INT8 QAT" and peer["peer_steps"] == 6 and peer["compute_fraction"] > 0
+    assert peer["map_gap_ci"][0] <= peer["map_gap_ci"][1]
+    assert peer["verdict"] in {"C more accurate", "the peer more accurate", "no difference shown"}
     assert {t["origin"] for t in summary["targets"]} >= {"ours", "seed: size -30 %"}
     for t in summary["targets"]:  # met: the value, and every repeat's value where there is a spread
         values = t["interval"] or [t["value"]]

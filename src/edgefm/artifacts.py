@@ -146,6 +146,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "finetune": ("edgefm.finetune",),
     "students": ("edgefm.compress.distill", "edgefm.compress.students"),
     "pseudo": ("edgefm.compress.pseudo",),
+    "peer": ("edgefm.peer",),
     "smaller": ("edgefm.smaller",),
     "quantization": ("edgefm.quantization",),
     "deployment": ("edgefm.deploy", "edgefm.runtime"),

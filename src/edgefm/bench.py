@@ -328,7 +328,8 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
         record: dict = {"name": variant.name, "format": variant.format, "precision": variant.precision,
                         "params": variant.params, "flops": variant.flops, "size_bytes": variant.size_bytes()}
         if accuracy is not None:
-            record.update(map=scores[variant.name]["map"], map50=scores[variant.name]["map50"])
+            score = scores[variant.name]
+            record.update({k: score[k] for k in ("map", "map50", "map_ci") if k in score})
         for t in settings.threads:
             repeats = {name: [timing[t][variant.name][field] for timing in back_to_back]
                        for field, name in _TIMING_FIELDS.items()}

@@ -305,6 +305,17 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
             print(f"shipped: {path}")
 
 
+def _cmd_peer(args: argparse.Namespace) -> None:
+    from edgefm.peer import ensure_peer, ship_peer
+
+    results = ensure_peer(load_profile(args.profile))
+    low, high = results["eval"]["map_ci"]
+    print(f"peer (SSDlite-MobileNetV3, {results['steps']} steps): eval mAP {results['eval']['map']:.3f} "
+          f"[{low:.3f}, {high:.3f}]; {results['folder']}")
+    if args.ship:
+        print(f"shipped: {ship_peer(args.profile)}")
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from edgefm.deploy import compress, copy_bundle
 
@@ -476,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     smaller.add_argument("--ship", action="store_true", help="copy B and its control (the runs too long "
                          "for the build) to weights/students-<profile>/, where builds read them")
     smaller.set_defaults(run=_cmd_smaller)
+
+    peer = commands.add_parser("peer", help="train the detector a practitioner would pick instead "
+                               "(SSDlite-MobileNetV3 from scratch) and evaluate it (cached; resumes)")
+    peer.add_argument("--ship", action="store_true", help="copy it to weights/peer-<profile>/, where "
+                      "builds read it instead of training")
+    peer.set_defaults(run=_cmd_peer)
 
     compress = commands.add_parser("compress", help="the whole pipeline: A -> B (smaller) -> C (B in INT8), "
                                     "the deployable bundle, one benchmark of every variant (cached)")

@@ -311,6 +311,26 @@ class SmallerConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """The peer (:mod:`edgefm.peer`): torchvision's SSDlite-MobileNetV3 trained from scratch on the
+    labelled scenes at A's input size, by the same loop as A (AdamW, warm-up, cosine). Its anchors
+    span ``min_ratio`` .. ``max_ratio`` of the image, as the scenes' items do; COCO's 0.2 .. 0.95
+    would leave the smallest without an anchor. Weight decay is the torchvision recipe's."""
+
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 4e-5
+    warmup_steps: int = 300
+    grad_clip: float = 5.0
+    checkpoint_every: int = 250
+    eval_every: int = 500
+    min_ratio: float = 0.1
+    max_ratio: float = 0.6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Profile:
     """All stage configurations of one profile."""
 
@@ -329,6 +349,7 @@ class Profile:
     retrace_steps: int = 300
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     smaller: SmallerConfig = field(default_factory=SmallerConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     # eval scenes on which the deployed bundle's detections are compared with B's in PyTorch
     agreement_images: int = 100
     # True: the feasibility study's long runs (A, its twin, ...) are shipped in weights/ (made by
@@ -375,9 +396,10 @@ def _smoke() -> Profile:
         search_start=StudentConfig("search start", depth=1, width=0.5),
         bench=quick,
     )
+    peer = PeerConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3, eval_every=3)
     return Profile(name="smoke", data=data, pretrain=pretrain, finetune=finetune, label_fractions=(0.3, 1.0),
                    schedule_factors=(0.5,), retrace_steps=3,
-                   quantize=quantize, smaller=smaller, agreement_images=8)
+                   quantize=quantize, smaller=smaller, peer=peer, agreement_images=8)
 
 
 def _default() -> Profile:

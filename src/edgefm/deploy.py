@@ -20,9 +20,11 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
 from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile, repeat_ratio
@@ -30,12 +32,14 @@ from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import detection_agreement, evaluate_split
+from edgefm.evaluate import detection_agreement, evaluate_split, gap_interval
 from edgefm.export import export_onnx, onnx_files, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
 from edgefm.images import read_image
 from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, has_vnni, weight_peak
 from edgefm.models.detector import Detector
+from edgefm.peer import ONNX_FILE as PEER_ONNX
+from edgefm.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantization import ensure_quantization
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
@@ -46,6 +50,9 @@ from edgefm.targets import TARGETS, Check
 MODEL_FILE, CARD_FILE = "model.onnx", "model-card.md"
 QAT = "INT8 QAT"
 A_ORT, B_ORT = "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)"
+C_INT8 = "C (ONNX INT8)"
+PEER_ORT, PEER_INT8 = "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"
+BOOTSTRAP = 1000  # resamples of the eval images behind the intervals of A, C and the peer in INT8
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
 NOT_TRANSFERABLE = ("INT8 static-mixed",)
 
@@ -59,13 +66,14 @@ def safe_without_vnni(record: dict) -> bool:
     return record["weight_peak"] is not None and record["weight_peak"] <= SAFE_WEIGHT_PEAK
 
 
-def choose_recipe(study: dict) -> str:
+def choose_recipe(study: dict, post_training: bool = False) -> str:
     """The INT8 variant of A to repeat on B, chosen on the val scenes (the eval scenes only report).
     Of the variants that compute the same on CPUs without VNNI, those that meet every target the
     book sets A-INT8 (:data:`~edgefm.targets.TARGETS`), the fastest at 30 fps on 2 threads; if none meets
-    them all, the fastest of those within the mAP target; else the fastest."""
+    them all, the fastest of those within the mAP target; else the fastest. ``post_training``
+    leaves out QAT (the peer's recipe: QAT here is written for A's detector and loss)."""
     records = [r for r in study["variants"] if r["precision"] == "int8" and r["name"] not in NOT_TRANSFERABLE
-               and safe_without_vnni(r)]
+               and safe_without_vnni(r) and not (post_training and r["name"] == QAT)]
     goals = [t for t in TARGETS if t.model == "A-INT8"]
 
     def met(record: dict, target) -> bool:
@@ -123,20 +131,21 @@ def write_bundle(folder: Path, model: Path, class_names: list[str], detector: De
     return spec
 
 
-def quantize_like_a(model: Detector, recipe: str, study: dict, work: Path, train: CocoSplit,
-                    profile: Profile, progress: bool) -> Path:
-    """``model`` in INT8 the way the study's ``recipe`` made A's variant: a QAT fine-tune with
-    A's settings, or a post-training recipe calibrated on the same number of train scenes."""
+def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, train: CocoSplit,
+                    profile: Profile, progress: bool, name: str = "c") -> Path:
+    """``model`` in INT8 the way the study's ``recipe`` made A's variant (``work/<name>.onnx``): a
+    QAT fine-tune with A's settings (a :class:`Detector` only), or a post-training recipe
+    calibrated on the same number of train scenes."""
     size = profile.finetune.detector.image_size
     if recipe == QAT:
         qat_model = prepare_qat(model)
         scenes = CocoDetection(train, detection_transforms(size, train=True))
         qat_finetune(qat_model, scenes, profile.quantize.qat, work, progress)
-        exported = export_onnx(freeze(qat_model), work / "c.onnx", size, dynamic_batch=False)
+        exported = export_onnx(freeze(qat_model), work / f"{name}.onnx", size, dynamic_batch=False)
         return fold_weight_quantizers(exported)
-    exported = export_onnx(model, work / "c-fp32.onnx", size)
+    exported = export_onnx(model, work / f"{name}-fp32.onnx", size)
     calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
-    return quantize(exported, preprocess(exported, work / "c-fp32-pre.onnx"), work / "c.onnx",
+    return quantize(exported, preprocess(exported, work / f"{name}-fp32-pre.onnx"), work / f"{name}.onnx",
                     study_recipe(study, recipe), calibration)
 
 
@@ -149,9 +158,12 @@ def agreement_with(reference: Detector, detector: EdgeDetector, split: CocoSplit
     return {"images": len(images), **detection_agreement(ours, detector.detect(images))}
 
 
-def targets_report(a: dict, c: dict) -> list[dict]:
-    """Every target on model C, with its measured value and whether it is met."""
+def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> list[dict]:
+    """Every target on model C, with its measured value and whether it is met; ``map_drop_ci``
+    (points) is the interval the mAP drop is judged with."""
     values = {**c, "map_drop_relative": (a["map"] - c["map"]) / a["map"]}
+    if map_drop_ci is not None:
+        values["map_drop_range"] = [v / 100 for v in map_drop_ci]
     checks = [Check.of(t, values) for t in TARGETS if t.model == "C"]
     return [{"target": c.target.describe(), "origin": c.target.origin, "metric": c.target.metric,
              "comparison": c.target.comparison, "threshold": c.target.threshold, "value": c.value,
@@ -216,6 +228,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     model_a, cfg = load_detector(trained), trained.config.detector
     study, smaller = ensure_quantization(profile, progress), ensure_smaller(profile, progress)
     b = load_b(profile)
+    peer = ensure_peer(profile, progress)
+    peer_model = load_peer(Path(peer["folder"]), len(trained.class_names), cfg, profile.peer)
     dataset = ensure_dataset(profile)
     size = cfg.image_size
     recipe = choose_recipe(study)
@@ -227,26 +241,38 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     bundle = work / "bundle"
     spec = write_bundle(bundle, c_path, trained.class_names, cfg, b.stride, name="C", int8=int8)
 
+    peer_recipe = choose_recipe(study, post_training=True)
+    peer_int8 = quantize_like_a(PeerNetwork(peer_model), peer_recipe, study, work, dataset.train, profile,
+                                progress, name="peer")
+
     a = module_variant(model_a, size)
     b_variant = module_variant(b, size, "B (PyTorch FP32)")
+    peer_variant = Variant(PEER_ORT, onnx=Path(peer["folder"]) / PEER_ONNX, flops=peer["flops"],
+                           params=peer["params"])
     study_file = lambda name: Path(study["folder"]) / study["files"][name]  # noqa: E731
     variants = [a, a.exported(A_ORT, study_file("ORT FP32 (all)")),
                 a.exported(f"A {recipe}", study_file(recipe), "int8"),
                 b_variant, b_variant.exported(B_ORT, export_onnx(b, work / "b-fp32.onnx", size)),
-                b_variant.exported("C (ONNX INT8)", bundle / MODEL_FILE, "int8"),
-                b_variant.exported("C (.ort)", bundle / spec.ort_model, "int8")]
-    strides = {v.name: (model_a if v.name.startswith("A") else b).stride for v in variants}
-    results = benchmark(variants, size, profile.quantize.bench, lambda v: evaluate_split(
-        v.runner(2), dataset.eval, cfg, strides[v.name]))
+                b_variant.exported(C_INT8, bundle / MODEL_FILE, "int8"),
+                b_variant.exported("C (.ort)", bundle / spec.ort_model, "int8"),
+                peer_variant, peer_variant.exported(PEER_INT8, peer_int8, "int8")]
+    samples: dict[str, list[float]] = {}
+    results = benchmark(variants, size, profile.quantize.bench,
+                        partial(_accuracy, split=dataset.eval, cfg=cfg, samples=samples,
+                                decoding=_decoding(variants, model_a, b, peer_model)))
     records = {r["name"]: r for r in results["variants"]}
     add_ratios_to(records[A_ORT], results["variants"], profile.quantize.bench.threads)
-    a_record, c_record = records[a.name], records["C (ONNX INT8)"]
+    a_record, c_record = records[a.name], records[C_INT8]
+    results["map_drop_ci"] = [100 * v for v in gap_interval(samples[a.name], samples[C_INT8])]
+    results["peer"] = peer_comparison(c_record, records[PEER_INT8], samples, peer, compute_of_a_and_b(
+        a_record["flops"], trained.config, c_record["flops"], smaller, profile))
+    results["peer"]["recipe"] = peer_recipe
     c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval,
                                                   profile.quantize.bench.runs)
     results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,
                                                   runs=profile.quantize.bench.runs)
-                           for name in (B_ORT, "C (ONNX INT8)")}
-    report = targets_report(a_record, c_record)
+                           for name in (B_ORT, C_INT8)}
+    report = targets_report(a_record, c_record, results["map_drop_ci"])
     # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
     alone = [a, Variant("C, threads stopped after each run", onnx=bundle / MODEL_FILE, precision="int8"),
              DeployedVariant("C, threads spinning (ONNX Runtime's default)", onnx=bundle / MODEL_FILE,
@@ -274,6 +300,55 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         tmp.write_text(model_card(spec, c_record, a_record, report, context), encoding="utf-8")
     results["bundle_files"][CARD_FILE] = (bundle / CARD_FILE).stat().st_size
     atomic_write_json(work / "results.json", results)
+
+
+PAIRED = ("A (PyTorch FP32)", C_INT8, PEER_INT8)  # whose mAPs carry intervals and paired gaps
+
+
+def _decoding(variants: list[Variant], model_a: Detector, b: Detector, peer: nn.Module) -> dict[str, dict]:
+    """How each variant's outputs become detections: A's and B's heatmaps at their stride, the
+    peer's anchors through its own decoder."""
+    decoder = PeerDecoder(peer)
+    return {v.name: {"decoder": decoder} if v.name.startswith("Peer") else
+            {"stride": (model_a if v.name.startswith("A") else b).stride} for v in variants}
+
+
+def _accuracy(variant: Variant, split: CocoSplit, cfg: DetectorConfig, samples: dict[str, list[float]],
+              decoding: dict[str, dict]) -> dict:
+    """A variant's eval metrics; those of :data:`PAIRED` with a bootstrap interval, their
+    resampled mAPs kept in ``samples`` for the paired gaps."""
+    paired = variant.name in PAIRED
+    metrics = evaluate_split(variant.runner(2), split, cfg, bootstrap=BOOTSTRAP if paired else 0,
+                             samples=paired, **decoding[variant.name])
+    if paired:
+        samples[variant.name] = metrics.pop("map_samples")
+    return metrics
+
+
+def compute_of_a_and_b(a_flops: int, a_config, b_flops: int, smaller: dict, profile: Profile) -> float:
+    """Training FLOPs of A's fine-tuning and B's final run (plus A's forward passes if B was
+    distilled online): what the peer's training is weighed against. Pretraining is not counted."""
+    b_images = smaller["b_training"]["steps"] * profile.smaller.final.batch_size
+    teacher = a_flops * b_images if smaller["b_config"].get("distill") else 0.0
+    return (training_flops(a_flops, a_config.steps * a_config.batch_size)
+            + training_flops(b_flops, b_images) + teacher)
+
+
+def peer_comparison(c: dict, peer: dict, samples: dict[str, list[float]], peer_results: dict,
+                    a_and_b_flops: float) -> dict:
+    """C against the peer in INT8, from one benchmark run: the mAP gap (points, C minus peer)
+    with its paired interval, the verdict it allows, the latency at camera rate, and how the
+    peer's training compute compares with A's and B's."""
+    interval = [100 * v for v in gap_interval(samples[C_INT8], samples[PEER_INT8])]
+    verdict = ("C more accurate" if interval[0] > 0 else "the peer more accurate" if interval[1] < 0
+               else "no difference shown")
+    return {"map_gap": 100 * (c["map"] - peer["map"]), "map_gap_ci": interval, "verdict": verdict,
+            "c_latency_camera_ms_2t": c["latency_camera_ms_2t"],
+            "peer_latency_camera_ms_2t": peer["latency_camera_ms_2t"],
+            "peer_train_flops": peer_results["train_flops"], "a_and_b_train_flops": a_and_b_flops,
+            "compute_fraction": peer_results["train_flops"] / a_and_b_flops,
+            "peer_steps": peer_results["steps"], "peer_shipped": peer_results["shipped"],
+            "peer_val_curve": peer_results["val_curve"]}
 
 
 def add_ratios_to(reference: dict, records: list[dict], threads: tuple[int, ...]) -> None:
@@ -342,8 +417,9 @@ class DeployedVariant(Variant):
 def summary(results: dict) -> dict:
     """``summary.json``: A and C, their ratios and the targets, all from one benchmark run."""
     records = {r["name"]: r for r in results["variants"]}
-    a, c = records["A (PyTorch FP32)"], records["C (ONNX INT8)"]
-    return {"A": a, "C": c, "latency_speedup_2t": c["latency_speedup_2t"],
+    a, c = records["A (PyTorch FP32)"], records[C_INT8]
+    return {"A": a, "C": c, "map_drop_ci": results["map_drop_ci"], "peer": results["peer"],
+            "latency_speedup_2t": c["latency_speedup_2t"],
             "latency_speedup_1t": c["latency_speedup_1t"], "camera_speedup_2t": c["camera_speedup_2t"],
             "camera_speedup_2t_range": c["camera_speedup_2t_range"],
             "camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
@@ -364,7 +440,8 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     # what it consumes, by the keys of those results (their folders' names): a new B or a new
     # quantization study is a new deployment, whatever changed them
     consumed = {"quantization": Path(ensure_quantization(profile, progress)["folder"]).name,
-                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name}
+                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name,
+                "peer": Path(ensure_peer(profile, progress)["folder"]).name}
     key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
            "agreement_images": profile.agreement_images}
     target = stage_dir(profile.name, "deployment", key)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from edgefm.data.coco import CocoDetection, CocoSplit, collate, validate_coco
 from edgefm.data.transforms import detection_transforms
 from edgefm.decode import decode
 from edgefm.runtime import RunModel
+
+# raw outputs of a model (NumPy, batch first) -> per image: XYXY boxes in input pixels, scores, labels
+Decoder = Callable[..., list[dict]]
 
 SIZES = ("small", "medium", "large")
 
@@ -37,19 +42,20 @@ def to_coco_results(
     return records
 
 
-def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0) -> dict:
+def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0, samples: bool = False) -> dict:
     """mAP@[.5:.95], mAP@.5, mAP@.75, mAP by size and AP per class (fractions in [0, 1]).
 
     Classes or sizes absent from the ground truth get ``None`` (COCOeval's -1). With
     ``bootstrap`` > 0, ``map_ci`` is the 95 % interval of mAP over that many resamplings of the
-    images (:func:`bootstrap_map`).
+    images (:func:`bootstrap_maps`); ``samples`` keeps them (``map_samples``) for a paired gap.
     """
     with contextlib.redirect_stdout(io.StringIO()):
         truth = COCO()
         truth.dataset = validate_coco(annotations)  # checked, and an ``area`` for every object
         truth.createIndex()
         if not results:
-            return {**_empty(truth), **({"map_ci": [0.0, 0.0]} if bootstrap else {})}
+            empty = {"map_ci": [0.0, 0.0], **({"map_samples": [0.0] * bootstrap} if samples else {})}
+            return {**_empty(truth), **(empty if bootstrap else {})}
         evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
         evaluation.evaluate()
         evaluation.accumulate()
@@ -65,7 +71,10 @@ def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0) ->
         name = truth.cats[category_id]["name"]
         metrics["per_class"][name] = float(valid.mean()) if valid.size else None
     if bootstrap:
-        metrics["map_ci"] = bootstrap_map(evaluation, bootstrap).tolist()
+        maps = bootstrap_maps(evaluation, bootstrap)
+        metrics["map_ci"] = np.percentile(maps, [2.5, 97.5]).tolist()
+        if samples:
+            metrics["map_samples"] = maps.tolist()
     return metrics
 
 
@@ -121,11 +130,11 @@ def weighted_map(evaluation: COCOeval, weights: np.ndarray) -> np.ndarray:
     return total / np.maximum(valid, 1)
 
 
-def bootstrap_map(evaluation: COCOeval, resamples: int = 1000, seed: int = 0,
-                  chunk: int = 50) -> np.ndarray:
-    """The 95 % percentile interval of mAP@[.5:.95] over ``resamples`` bootstrap resamplings of
-    the evaluated images (drawn with replacement, as many as there are): how far the figure could
-    move on another eval set of the same kind. ``evaluation`` has run ``evaluate()``."""
+def bootstrap_maps(evaluation: COCOeval, resamples: int = 1000, seed: int = 0, chunk: int = 50) -> np.ndarray:
+    """mAP@[.5:.95] on ``resamples`` bootstrap resamplings of the evaluated images (drawn with
+    replacement, as many as there are). The draws depend only on ``seed`` and the number of
+    images, so two models evaluated on one split get the same resamplings: their difference,
+    resampling by resampling, is a *paired* bootstrap (:func:`gap_interval`)."""
     rng = np.random.default_rng(seed)
     images = len(evaluation.params.imgIds)
     maps = []
@@ -133,7 +142,25 @@ def bootstrap_map(evaluation: COCOeval, resamples: int = 1000, seed: int = 0,
         draws = rng.integers(0, images, size=(min(chunk, resamples - start), images))
         weights = np.stack([np.bincount(row, minlength=images) for row in draws]).astype(float)
         maps.append(weighted_map(evaluation, weights))
-    return np.percentile(np.concatenate(maps), [2.5, 97.5])
+    return np.concatenate(maps)
+
+
+def bootstrap_map(evaluation: COCOeval, resamples: int = 1000, seed: int = 0,
+                  chunk: int = 50) -> np.ndarray:
+    """The 95 % percentile interval of mAP@[.5:.95] over bootstrap resamplings of the evaluated
+    images (:func:`bootstrap_maps`): how far the figure could move on another eval set of the same
+    kind. ``evaluation`` has run ``evaluate()``."""
+    return np.percentile(bootstrap_maps(evaluation, resamples, seed, chunk), [2.5, 97.5])
+
+
+def gap_interval(a_samples: list[float], b_samples: list[float]) -> list[float]:
+    """The 95 % interval of ``a``'s mAP minus ``b``'s from their ``map_samples`` on the same
+    resamplings of one split (a paired bootstrap: narrower than the two intervals side by side,
+    because an image hard for one model is mostly hard for the other)."""
+    if len(a_samples) != len(b_samples):
+        raise ValueError(f"paired bootstrap needs as many resamplings of each ({len(a_samples)} vs "
+                         f"{len(b_samples)})")
+    return np.percentile(np.asarray(a_samples) - np.asarray(b_samples), [2.5, 97.5]).tolist()
 
 
 def interval_gap(a: dict, b: dict) -> dict:
@@ -150,26 +177,33 @@ def _empty(truth: COCO) -> dict:
     return metrics
 
 
-def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
-                  batch_size: int = 32) -> list[dict]:
-    """COCO result records of any model (PyTorch, ONNX Runtime, ...) on a split's images, through
-    one decoder, in the original images' pixels."""
+def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float | None = None,
+                  batch_size: int = 32, decoder: Decoder | None = None) -> list[dict]:
+    """COCO result records of any model (PyTorch, ONNX Runtime, ...) on a split's images, in the
+    original images' pixels: its raw outputs decoded by :func:`~edgefm.decode.decode` at
+    ``stride`` (A and its students), or by ``decoder`` (a detector of another kind, the peer)."""
+    if decoder is None:
+        if stride is None:
+            raise ValueError("predict_split needs the model's stride or a decoder for its outputs")
+        decoder = partial(decode, stride=stride, max_detections=cfg.max_detections,
+                          score_threshold=cfg.score_threshold)
     dataset = CocoDetection(split, detection_transforms(cfg.image_size, train=False))
     records: list[dict] = []
     for start in range(0, len(dataset), batch_size):
         images, targets = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        found = decode(*run(images.numpy()), stride=stride, max_detections=cfg.max_detections,
-                       score_threshold=cfg.score_threshold)
+        found = decoder(*run(images.numpy()))
         records += to_coco_results(found, [t["image_id"] for t in targets], [t["scale"] for t in targets],
                                    dataset.category_ids)
     return records
 
 
-def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float,
-                   batch_size: int = 32, bootstrap: int = 0) -> dict:
+def evaluate_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float | None = None,
+                   batch_size: int = 32, bootstrap: int = 0, decoder: Decoder | None = None,
+                   samples: bool = False) -> dict:
     """COCO metrics of any model on a split (:func:`predict_split`); ``bootstrap`` > 0 adds
-    ``map_ci`` (see :func:`coco_evaluate`)."""
-    return coco_evaluate(split.annotations, predict_split(run, split, cfg, stride, batch_size), bootstrap)
+    ``map_ci`` and ``samples`` the resampled mAPs (see :func:`coco_evaluate`)."""
+    return coco_evaluate(split.annotations, predict_split(run, split, cfg, stride, batch_size, decoder),
+                         bootstrap, samples)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

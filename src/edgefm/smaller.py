@@ -65,6 +65,7 @@ from edgefm.training import TrainState
 WEIGHTS = "model.safetensors"
 SHIP_COMMAND = "edgefm --profile {profile} smaller --ship"
 CONTROL = "control"  # the arm of A itself, trained as long as the students
+EQUAL_COMPUTE = "labels, equal compute"  # the labels-only arm again, for about a distilled run's compute
 
 
 def pruned(ratio: float) -> StudentConfig:
@@ -259,7 +260,7 @@ def _arms(found: Candidates, models: dict, a_val: float) -> dict:
             run(mode, replace(settings.arm.with_mode(mode), name=f"{settings.arm.name}, {mode}", seed=seed),
                 settings.compare)
         steps = settings.compare_compute.steps
-        run("labels, equal compute",
+        run(EQUAL_COMPUTE,
             replace(settings.arm.with_mode("labels"), seed=seed,
                     name=f"{settings.arm.name}, labels, {steps} steps"),
             settings.compare_compute)

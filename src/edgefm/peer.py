@@ -1,0 +1,269 @@
+"""The peer: the detector a practitioner would train instead of adapting a foundation model.
+
+People who put a detector on a device mostly train a small single-stage detector on their own
+labels. The peer is torchvision's SSDlite with a MobileNetV3-Large backbone (Liu et al., 2016;
+Howard et al., 2019), the mobile detector torchvision ships, trained *from scratch* (nothing is
+downloaded) on the same labelled scenes, at A's input size, by the same training loop as every
+other model here (:func:`edgefm.training.fit`, AdamW and a cosine schedule instead of the
+reference recipe's SGD over 600 COCO epochs).
+
+Two departures from ``ssdlite320_mobilenet_v3_large`` as built: the input is A's letterboxed
+square (no resize inside), and the anchor scales span the scenes' objects
+(:class:`~edgefm.config.PeerConfig` ``min_ratio`` .. ``max_ratio`` of the image; COCO's are 0.2 ..
+0.95, which would leave the smallest items without an anchor).
+
+:class:`PeerNetwork` is what runs on a device and what is exported and timed: normalisation,
+backbone and head, class logits and box offsets for every anchor. :class:`PeerDecoder` turns them
+into detections (softmax, box decoding, per-class NMS; torchvision's own code) outside the timed
+graph, as :func:`edgefm.decode.decode` does for A.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, plain, stage_dir, write_metrics
+from edgefm.bench import count_flops
+from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
+from edgefm.data import DetectionDataset, ensure_dataset
+from edgefm.data.coco import CocoDetection, CocoSplit
+from edgefm.data.transforms import detection_transforms
+from edgefm.evaluate import evaluate_split
+from edgefm.export import export_onnx
+from edgefm.finetune import weights_root
+from edgefm.training import Schedule, StepData, TrainState, fit
+
+WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
+BOOTSTRAP = 1000  # resamples of the eval images for the interval of the peer's mAP
+FEATURE_MAPS = 6  # SSDlite's: two from the backbone, four extra blocks
+
+
+def build_peer(num_classes: int, detector: DetectorConfig, cfg: PeerConfig) -> SSD:
+    """SSDlite-MobileNetV3-Large for ``num_classes`` (plus background), randomly initialised the way
+    torchvision initialises it without pretrained weights, for A's square input; it keeps as many
+    detections per image, above the same score, as A's decoder."""
+    image_size = detector.image_size
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1,
+                                          score_thresh=detector.score_threshold,
+                                          detections_per_img=detector.max_detections)
+    model.anchor_generator = DefaultBoxGenerator([[2, 3]] * FEATURE_MAPS, min_ratio=cfg.min_ratio,
+                                                 max_ratio=cfg.max_ratio)
+    model.transform = GeneralizedRCNNTransform(image_size, image_size, [0.5] * 3, [0.5] * 3,
+                                               size_divisible=1, fixed_size=(image_size, image_size))
+    model.image_size = image_size
+    return model
+
+
+class PeerNetwork(nn.Module):
+    """The peer's network: images (B, 3, S, S) in [0, 1] -> class logits (B, anchors, classes + 1)
+    and box offsets (B, anchors, 4). It normalises as the SSD's transform does (to [-1, 1])."""
+
+    def __init__(self, ssd: SSD):
+        super().__init__()
+        self.ssd = ssd
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = list(self.ssd.backbone(images * 2.0 - 1.0).values())
+        out = self.ssd.head(features)
+        return out["cls_logits"], out["bbox_regression"]
+
+
+class PeerDecoder:
+    """Detections from :class:`PeerNetwork`'s raw outputs (NumPy, batch first), by torchvision's
+    ``SSD.postprocess_detections``: per image XYXY ``boxes`` in input pixels, ``scores`` and
+    ``labels`` (0 .. C-1, as :func:`edgefm.decode.decode` gives them)."""
+
+    def __init__(self, ssd: SSD):
+        self.ssd, size, training = ssd, ssd.image_size, ssd.training
+        images = torch.zeros(1, 3, size, size, device=next(ssd.parameters()).device)
+        with torch.no_grad():  # the anchors depend on the feature maps' sizes only
+            features = list(ssd.eval().backbone(images).values())
+            self.anchors = ssd.anchor_generator(ImageList(images, [(size, size)]), features)[0].cpu()
+        ssd.train(training)
+
+    def __call__(self, cls_logits: np.ndarray, bbox_regression: np.ndarray) -> list[dict[str, np.ndarray]]:
+        batch, size = len(cls_logits), self.ssd.image_size
+        head = {"cls_logits": torch.as_tensor(np.asarray(cls_logits, dtype=np.float32)),
+                "bbox_regression": torch.as_tensor(np.asarray(bbox_regression, dtype=np.float32))}
+        with torch.no_grad():
+            found = self.ssd.postprocess_detections(head, [self.anchors] * batch, [(size, size)] * batch)
+        return [{"boxes": f["boxes"].numpy(), "scores": f["scores"].numpy(),
+                 "labels": f["labels"].numpy() - 1} for f in found]
+
+
+def peer_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images and targets as torchvision's detectors take them: class 0 is the background."""
+    images, targets = zip(*batch, strict=True)
+    return ([torch.as_tensor(image) for image in images],
+            [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"] + 1} for t in targets])
+
+
+def network_runner(network: PeerNetwork):
+    """A :data:`~edgefm.runtime.RunModel` of the network in PyTorch (eval mode, no gradients)."""
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        device = next(network.parameters()).device
+        return tuple(o.cpu().numpy() for o in network.eval()(torch.from_numpy(images).to(device)))
+
+    return run
+
+
+def evaluate_peer(ssd: SSD, split: CocoSplit, detector: DetectorConfig, bootstrap: int = 0) -> dict:
+    """COCO metrics of the peer in PyTorch on ``split``, through the same evaluation as A."""
+    return evaluate_split(network_runner(PeerNetwork(ssd)), split, detector, decoder=PeerDecoder(ssd),
+                          bootstrap=bootstrap)
+
+
+def train_peer(cfg: PeerConfig, dataset: DetectionDataset, detector: DetectorConfig, work: Path,
+               progress: bool = True, device: str = "auto", stop: int = 0) -> tuple[SSD, TrainState]:
+    """Train the peer on ``dataset.train`` from scratch (validating on ``dataset.val`` every
+    ``cfg.eval_every`` steps); resumes from ``work/checkpoint.pt``; weights to ``work``.
+    ``stop`` > 0 ends the run after that many steps of its schedule (its start, re-traced)."""
+    torch.manual_seed(cfg.seed)
+    size = detector.image_size
+    train = CocoDetection(dataset.train, detection_transforms(size, train=True))
+    model = build_peer(len(train.class_names), detector, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every, cfg.eval_every,
+                        stop=stop)
+
+    def loss(model: SSD, batch) -> dict[str, torch.Tensor]:
+        losses = model(*batch)
+        return {"total": sum(losses.values()), **losses}
+
+    def validate(model: SSD) -> dict:
+        metrics = evaluate_peer(model, dataset.val, detector)
+        return {"map": metrics["map"], "map50": metrics["map50"]}
+
+    state = fit(model, optimizer, loss, StepData(train, cfg.batch_size, cfg.seed, peer_collate), schedule,
+                work / "checkpoint.pt", device=device, validate=validate if dataset.val is not None else None,
+                progress=progress, desc="training the peer (SSDlite)")
+    model.cpu().eval()
+    with atomic_path(work / WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    atomic_write_json(work / "train_state.json", asdict(state))
+    return model, state
+
+
+def load_peer(folder: Path, num_classes: int, detector: DetectorConfig, cfg: PeerConfig) -> SSD:
+    """The peer saved in ``folder`` by :func:`train_peer`, in eval mode."""
+    model = build_peer(num_classes, detector, cfg)
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no peer weights here; train it with `edgefm peer`")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as error:
+        raise ValueError(f"{path}: these weights are not this peer's ({error})") from error
+    return model.eval()
+
+
+SHIP_COMMAND = "edgefm --profile {profile} peer --ship"
+RETRACE_STEPS = 100  # steps a build trains again to check a shipped peer's start
+
+
+def peer_key(profile: Profile) -> dict:
+    """What the peer's result depends on: its settings, A's input and decoding, the scenes."""
+    return {"peer": profile.peer, "detector": profile.finetune.detector, "data": profile.data}
+
+
+def shipped_peer(profile: Profile) -> Path:
+    """Where the book ships a peer too long to train in the build (``weights/peer-<profile>``)."""
+    return weights_root() / f"peer-{profile.name}"
+
+
+def training_flops(flops: int, images: int) -> float:
+    """A run's compute, by the usual estimate: a backward pass costs twice a forward one."""
+    return 3.0 * flops * images
+
+
+def ensure_peer(profile: Profile | str | None = None, progress: bool = True) -> dict:
+    """The peer trained (or read from :func:`shipped_peer` when its config matches), evaluated on
+    the eval scenes with a bootstrap interval, and exported to ONNX (``peer.onnx``). Cached; writes
+    ``metrics/peer.json``; returns the results with ``folder``."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    key = peer_key(profile)
+    target = stage_dir(profile.name, "peer", key)
+    ensure_dir(target, lambda work: _build(work, profile, key, progress), config=key)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results["folder"] = str(target)
+    write_metrics(profile.name, "peer", results)
+    return results
+
+
+def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None:
+    """Copy the shipped peer into ``work`` if it was made with ``key``; its training history."""
+    folder = shipped_peer(profile)
+    if not (folder / "config.json").is_file():
+        return None
+    if json.loads((folder / "config.json").read_text(encoding="utf-8")) != json.loads(
+            json.dumps(plain(key), default=str)):
+        print(f"note: {folder} was made with other settings than profile {profile.name!r}'s; "
+              "training the peer here")
+        return None
+    shutil.copyfile(folder / WEIGHTS, work / WEIGHTS)
+    return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
+
+
+def _build(work: Path, profile: Profile, key: dict, progress: bool) -> None:
+    dataset, detector = ensure_dataset(profile), profile.finetune.detector
+    classes = CocoDetection(dataset.train).class_names
+    state = _shipped_state(profile, key, work)
+    shipped = state is not None
+    if state is None:
+        model, state = train_peer(profile.peer, dataset, detector, work, progress)
+    else:
+        model = load_peer(work, len(classes), detector, profile.peer)
+    atomic_write_json(work / "train_state.json", asdict(state))
+    retraced = retrace(profile, dataset, state, work) if shipped else None
+    network = PeerNetwork(model)
+    export_onnx(network, work / ONNX_FILE, detector.image_size)
+    flops, cfg = count_flops(network, detector.image_size), profile.peer
+    metrics = evaluate_peer(model, dataset.eval, detector, bootstrap=BOOTSTRAP)
+    atomic_write_json(work / "results.json", {
+        "eval": metrics, "val_curve": [[e["step"], e["map"]] for e in state.evals], "steps": state.step,
+        "train_seconds": state.seconds, "train_images": state.step * cfg.batch_size,
+        "train_flops": training_flops(flops, state.step * cfg.batch_size), "flops": flops,
+        "params": sum(p.numel() for p in model.parameters()), "classes": classes,
+        "shipped": shipped, "retrace": retraced,
+        "ship_command": SHIP_COMMAND.format(profile=profile.name)})
+
+
+def retrace(profile: Profile, dataset: DetectionDataset, shipped: TrainState, work: Path) -> dict:
+    """Train the first :data:`RETRACE_STEPS` steps of the shipped peer's schedule again, here:
+    same seed, same batches, so its losses should follow the shipped ones (to the rounding of
+    another CPU's arithmetic); a large gap means the shipped run was made otherwise."""
+    steps = min(RETRACE_STEPS, profile.peer.steps)
+    with tempfile.TemporaryDirectory(dir=work) as folder:
+        _, live = train_peer(profile.peer, dataset, profile.finetune.detector, Path(folder), progress=False,
+                             stop=steps)
+    gaps = np.abs(np.asarray(live.losses) - np.asarray(shipped.losses[:steps]))
+    return {"steps": steps, "live_losses": live.losses, "shipped_losses": shipped.losses[:steps],
+            "max_loss_gap": float(gaps.max()), "mean_loss_gap": float(gaps.mean())}
+
+
+def ship_peer(profile: Profile | str | None = None) -> Path:
+    """Copy the peer's weights, history and config to :func:`shipped_peer`, with the command that
+    made them, so a build reads them instead of training."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    source, target = Path(ensure_peer(profile)["folder"]), shipped_peer(profile)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, "train_state.json", "config.json"):
+        shutil.copyfile(source / name, target / name)
+    atomic_write_json(target / "made_by.json", {"command": SHIP_COMMAND.format(profile=profile.name)})
+    return target

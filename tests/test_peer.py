@@ -1,0 +1,131 @@
+"""The peer detector: torchvision's SSDlite trained from scratch, exported and decoded like A."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import kill_after_checkpoint
+from edgefm.config import DetectorConfig, PeerConfig, load_profile
+from edgefm.data import ensure_dataset
+from edgefm.evaluate import gap_interval
+from edgefm.export import export_onnx
+from edgefm.peer import (
+    PeerDecoder,
+    PeerNetwork,
+    build_peer,
+    ensure_peer,
+    load_peer,
+    peer_collate,
+    peer_key,
+    ship_peer,
+    shipped_peer,
+    train_peer,
+)
+
+DETECTOR = DetectorConfig(image_size=64, max_detections=20)
+
+
+def test_the_network_gives_a_score_and_a_box_per_anchor_and_the_decoder_keeps_a_limit():
+    torch.manual_seed(0)
+    ssd = build_peer(3, DETECTOR, PeerConfig())
+    logits, offsets = PeerNetwork(ssd).eval()(torch.rand(2, 3, 64, 64))
+    decoder = PeerDecoder(ssd)
+    assert logits.shape == (2, len(decoder.anchors), 4) and offsets.shape == (2, len(decoder.anchors), 4)
+    found = decoder(logits.detach().numpy(), offsets.detach().numpy())
+    assert len(found) == 2
+    for image in found:
+        assert len(image["boxes"]) <= 20 and set(image["labels"].tolist()) <= {0, 1, 2}
+        assert (image["boxes"] >= 0).all() and (image["boxes"] <= 64).all()
+        assert np.all(np.diff(image["scores"]) <= 0) or len(image["scores"]) < 2
+    assert not ssd.training  # the decoder put the model back the way it found it (eval here)
+
+
+def test_the_decoder_finds_a_box_the_network_scores_high():
+    ssd = build_peer(2, DETECTOR, PeerConfig())
+    decoder = PeerDecoder(ssd)
+    logits = np.full((1, len(decoder.anchors), 3), -10.0, np.float32)
+    logits[0, :, 0] = 10.0  # background everywhere ...
+    logits[0, 7] = [-10.0, -10.0, 10.0]  # ... but class 1 (stored as 2) at anchor 7
+    found = decoder(logits, np.zeros((1, len(decoder.anchors), 4), np.float32))[0]
+    assert found["labels"][0] == 1 and found["scores"][0] > 0.99
+    anchor = decoder.anchors[7].numpy()  # zero offsets: the anchor itself, clipped to the image
+    assert np.allclose(found["boxes"][0], np.clip(anchor, 0, 64), atol=1e-4)
+
+
+def test_targets_keep_class_zero_for_the_background():
+    image = torch.zeros(3, 8, 8)
+    target = {"boxes": torch.tensor([[1.0, 1, 4, 4]]), "labels": torch.tensor([0]), "image_id": 1}
+    images, targets = peer_collate([(image, target)])
+    assert targets[0]["labels"].tolist() == [1] and type(targets[0]["boxes"]) is torch.Tensor
+
+
+def test_the_onnx_export_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    network = PeerNetwork(build_peer(3, DETECTOR, PeerConfig())).eval()
+    images = torch.rand(2, 3, 64, 64)
+    path = export_onnx(network, tmp_path / "peer.onnx", 64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = network(images)
+    for got, want in zip(ours, expected, strict=True):
+        assert np.abs(got - want.numpy()).max() < 1e-3
+
+
+def test_training_resumes_and_its_weights_reload(fashion_dir, tmp_path, monkeypatch):
+    profile = load_profile("smoke")
+    dataset = ensure_dataset(profile)
+    cfg = PeerConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, eval_every=2)
+    detector = profile.finetune.detector
+    kill_after_checkpoint(monkeypatch, 2,
+                          lambda: train_peer(cfg, dataset, detector, tmp_path, progress=False))
+    model, state = train_peer(cfg, dataset, detector, tmp_path, progress=False)
+    assert state.step == 4 and len(state.losses) == 4 and [e["step"] for e in state.evals] == [2, 4]
+    reloaded = load_peer(tmp_path, 10, detector, cfg)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name])
+    with pytest.raises(ValueError, match="not this peer's"):
+        load_peer(tmp_path, 3, detector, cfg)
+    with pytest.raises(FileNotFoundError, match="no peer weights"):
+        load_peer(tmp_path / "nowhere", 10, detector, cfg)
+
+
+def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, monkeypatch, capsys):
+    from edgefm import peer as module
+    from edgefm.cli import main
+
+    results = ensure_peer("smoke", progress=False)
+    low, high = results["eval"]["map_ci"]
+    assert low <= results["eval"]["map"] <= high and results["steps"] == load_profile("smoke").peer.steps
+    assert not results["shipped"] and results["train_flops"] == 3 * results["flops"] * results["train_images"]
+    shipped = ship_peer("smoke")
+    assert (shipped / "made_by.json").is_file() and (shipped / "model.safetensors").is_file()
+    # a build with the shipped peer trains nothing and gets the same weights
+    folder = module.stage_dir("smoke", "peer", peer_key(load_profile("smoke")))
+    shutil.rmtree(folder)
+    real_train = module.train_peer
+
+    def only_its_start(*args, stop=0, **kwargs):
+        assert stop > 0, "trained a shipped peer in full"
+        return real_train(*args, stop=stop, **kwargs)
+
+    monkeypatch.setattr(module, "train_peer", only_its_start)
+    again = ensure_peer("smoke", progress=False)
+    assert again["shipped"] and again["eval"]["map"] == pytest.approx(results["eval"]["map"], abs=1e-9)
+    # ... and checks the start of the shipped run by training it again: same seed, same losses
+    retraced = again["retrace"]
+    assert retraced["steps"] == 6 and retraced["max_loss_gap"] < 1e-3
+    assert shipped == shipped_peer(load_profile("smoke"))
+    assert main(["--profile", "smoke", "peer"]) == 0  # the command reads the cached stage
+    assert "eval mAP" in capsys.readouterr().out
+
+
+def test_a_paired_interval_needs_the_same_resamplings():
+    assert gap_interval([0.5, 0.6, 0.7], [0.4, 0.5, 0.6]) == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError, match="as many resamplings"):
+        gap_interval([0.5], [0.4, 0.5])
