@@ -123,6 +123,11 @@ def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, 
     assert shipped == shipped_peer(load_profile("smoke"))
     assert main(["--profile", "smoke", "peer"]) == 0  # the command reads the cached stage
     assert "eval mAP" in capsys.readouterr().out
+    # a shipped folder missing a file fails naming it, rather than training in its place
+    shutil.rmtree(folder)
+    (shipped / "train_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks train_state.json"):
+        ensure_peer("smoke", progress=False)
 
 
 def test_a_paired_interval_needs_the_same_resamplings():

@@ -44,7 +44,7 @@ from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
 from edgefm.export import export_onnx
-from edgefm.finetune import weights_root
+from edgefm.finetune import config_differences, weights_root
 from edgefm.training import Schedule, StepData, TrainState, fit
 
 WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
@@ -211,11 +211,16 @@ def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None
     folder = shipped_peer(profile)
     if not (folder / "config.json").is_file():
         return None
-    if json.loads((folder / "config.json").read_text(encoding="utf-8")) != json.loads(
-            json.dumps(plain(key), default=str)):
-        print(f"note: {folder} was made with other settings than profile {profile.name!r}'s; "
-              "training the peer here")
+    made = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    differences = config_differences(made, json.loads(json.dumps(plain(key), default=str)))
+    if differences:
+        print(f"note: {folder} was made with other settings than profile {profile.name!r}'s "
+              f"({', '.join(differences)}); training the peer here")
         return None
+    missing = [name for name in (WEIGHTS, "train_state.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: lacks {', '.join(missing)}; ship the peer again with "
+                                f"`{SHIP_COMMAND.format(profile=profile.name)}` or delete the folder")
     shutil.copyfile(folder / WEIGHTS, work / WEIGHTS)
     return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
 
