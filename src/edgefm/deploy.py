@@ -32,7 +32,7 @@ from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import detection_agreement, evaluate_split, gap_interval
+from edgefm.evaluate import BOOTSTRAP, detection_agreement, evaluate_split, gap_interval
 from edgefm.export import export_onnx, onnx_files, op_counts
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
 from edgefm.images import read_image
@@ -52,7 +52,6 @@ QAT = "INT8 QAT"
 A_ORT, B_ORT = "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)"
 C_INT8 = "C (ONNX INT8)"
 PEER_ORT, PEER_INT8 = "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"
-BOOTSTRAP = 1000  # resamples of the eval images behind the intervals of A, C and the peer in INT8
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
 NOT_TRANSFERABLE = ("INT8 static-mixed",)
 

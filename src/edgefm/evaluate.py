@@ -26,6 +26,7 @@ from edgefm.runtime import RunModel
 Decoder = Callable[..., list[dict]]
 
 SIZES = ("small", "medium", "large")
+BOOTSTRAP = 1000  # resamples of the eval images behind every interval the book prints
 
 
 def to_coco_results(

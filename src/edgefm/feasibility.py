@@ -30,7 +30,7 @@ import numpy as np
 from edgefm.artifacts import artifacts_root, atomic_write_json, plain, write_metrics
 from edgefm.config import FinetuneConfig, Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
-from edgefm.evaluate import evaluate_split, interval_gap
+from edgefm.evaluate import BOOTSTRAP, evaluate_split, interval_gap
 from edgefm.finetune import (
     Finetuned,
     config_differences,
@@ -43,7 +43,6 @@ from edgefm.finetune import (
 )
 from edgefm.training import resolve_device
 
-BOOTSTRAP = 1000  # resamples of the eval images behind every interval
 EVAL_KEYS = ("map", "map_ci", "map50", "map75", "map_small", "map_medium", "map_large", "per_class")
 
 

@@ -42,13 +42,12 @@ from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import evaluate_split
+from edgefm.evaluate import BOOTSTRAP, evaluate_split
 from edgefm.export import export_onnx
-from edgefm.finetune import config_differences, weights_root
+from edgefm.finetune import config_differences, torch_runner, weights_root
 from edgefm.training import Schedule, StepData, TrainState, fit
 
 WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
-BOOTSTRAP = 1000  # resamples of the eval images for the interval of the peer's mAP
 FEATURE_MAPS = 6  # SSDlite's: two from the backbone, four extra blocks
 
 
@@ -112,20 +111,9 @@ def peer_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Ten
             [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"] + 1} for t in targets])
 
 
-def network_runner(network: PeerNetwork):
-    """A :data:`~edgefm.runtime.RunModel` of the network in PyTorch (eval mode, no gradients)."""
-
-    @torch.no_grad()
-    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
-        device = next(network.parameters()).device
-        return tuple(o.cpu().numpy() for o in network.eval()(torch.from_numpy(images).to(device)))
-
-    return run
-
-
 def evaluate_peer(ssd: SSD, split: CocoSplit, detector: DetectorConfig, bootstrap: int = 0) -> dict:
     """COCO metrics of the peer in PyTorch on ``split``, through the same evaluation as A."""
-    return evaluate_split(network_runner(PeerNetwork(ssd)), split, detector, decoder=PeerDecoder(ssd),
+    return evaluate_split(torch_runner(PeerNetwork(ssd)), split, detector, decoder=PeerDecoder(ssd),
                           bootstrap=bootstrap)
 
 
