@@ -17,7 +17,7 @@ from edgefm import deploy, isa
 from edgefm.artifacts import read_metrics
 from edgefm.config import DetectorConfig
 from edgefm.data.transforms import Letterbox
-from edgefm.deploy import choose_recipe, compress, write_bundle
+from edgefm.deploy import PEER_INT8, PEER_ORT, choose_recipe, compress, peer_format, write_bundle
 from edgefm.errors import BundleError, ImageError, InputError
 from edgefm.evaluate import detection_agreement
 from edgefm.export import export_onnx
@@ -193,6 +193,14 @@ def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_va
         choose_recipe(study)
 
 
+def test_the_peer_is_compared_in_the_faster_of_its_files_that_keeps_its_val_map_within_the_target():
+    records = {PEER_ORT: {"latency_camera_ms_2t": 4.0}, PEER_INT8: {"latency_camera_ms_2t": 3.0}}
+    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.215}) == PEER_INT8  # faster, within 1 point
+    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.205}) == PEER_ORT  # loses too much on val
+    records[PEER_INT8]["latency_camera_ms_2t"] = 6.8  # INT8 slower on this network: FP32 is deployed
+    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.230}) == PEER_ORT
+
+
 def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_path):
     results = compress("smoke", progress=False)
     names = [r["name"] for r in results["variants"]]
@@ -219,6 +227,10 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert peer["recipe"] != "INT8 QAT" and peer["peer_steps"] == 6 and peer["compute_fraction"] > 0
     assert peer["map_gap_ci"][0] <= peer["map_gap_ci"][1]
     assert peer["verdict"] in {"C more accurate", "the peer more accurate", "no difference shown"}
+    assert peer["format"] in peer["formats"] and peer["chosen_on"] == "val"
+    chosen = next(r for r in results["variants"] if r["name"] == peer["format"])
+    assert peer["map_gap"] == pytest.approx(100 * (c["map"] - chosen["map"]))
+    assert peer["int8_operators"]["QuantizeLinear"] > 0
     assert {t["origin"] for t in summary["targets"]} >= {"ours", "seed: size -30 %"}
     for t in summary["targets"]:  # met: the value, and every repeat's value where there is a spread
         values = t["interval"] or [t["value"]]
