@@ -78,11 +78,13 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     heat, boxes = b(torch.rand(1, 3, 64, 64))
     assert heat.shape[1] == 10 and boxes.shape[1] == 4
 
-    # B and its control, the runs too long for a build, ship; a build reads them instead of training
+    # B, its control and the long students, the runs too long for a build, ship; a build reads
+    # them instead of training them, and trains their first steps again to check them
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     profile = load_profile("smoke")
     shipped = smaller.ship_final(profile)
-    assert len(shipped) == 2 and all((p / "model.safetensors").is_file() for p in shipped)
+    assert len(shipped) == 2 + len(profile.smaller.long_students)
+    assert all((p / "model.safetensors").is_file() for p in shipped)
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(
         profile="smoke")
@@ -91,6 +93,9 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     shutil.rmtree(found.folder(b_spec, profile.smaller.final))  # only the shipped copy is left
     model, _ = found.trained(b_spec, profile.smaller.final)
     assert found.shipped == [b_spec.name]
+    retraced = found.retraces[b_spec.name]  # same seed, same batches: the same losses
+    assert retraced["steps"] == min(smaller.RETRACE_STEPS, profile.smaller.final.steps)
+    assert retraced["max_loss_gap"] < 1e-3
     assert torch.equal(model.state_dict()["head.box.0.weight"], b.state_dict()["head.box.0.weight"])
 
 

@@ -45,7 +45,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import BOOTSTRAP, evaluate_split
 from edgefm.export import export_onnx
 from edgefm.finetune import config_differences, torch_runner, weights_root
-from edgefm.training import Schedule, StepData, TrainState, fit
+from edgefm.training import Schedule, StepData, TrainState, fit, loss_gaps
 
 WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
 FEATURE_MAPS = 6  # SSDlite's: two from the backbone, four extra blocks
@@ -245,9 +245,7 @@ def retrace(profile: Profile, dataset: DetectionDataset, shipped: TrainState, wo
     with tempfile.TemporaryDirectory(dir=work) as folder:
         _, live = train_peer(profile.peer, dataset, profile.finetune.detector, Path(folder), progress=False,
                              stop=steps)
-    gaps = np.abs(np.asarray(live.losses) - np.asarray(shipped.losses[:steps]))
-    return {"steps": steps, "live_losses": live.losses, "shipped_losses": shipped.losses[:steps],
-            "max_loss_gap": float(gaps.max()), "mean_loss_gap": float(gaps.mean())}
+    return loss_gaps(live.losses, shipped.losses)
 
 
 def ship_peer(profile: Profile | str | None = None) -> Path:

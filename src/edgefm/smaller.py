@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -60,10 +61,11 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner, weights_root
 from edgefm.models.detector import Detector
-from edgefm.training import TrainState
+from edgefm.training import TrainState, loss_gaps
 
 WEIGHTS = "model.safetensors"
 SHIP_COMMAND = "edgefm --profile {profile} smaller --ship"
+RETRACE_STEPS = 100  # steps a build trains again to check a shipped candidate's start
 CONTROL = "control"  # the arm of A itself, trained as long as the students
 EQUAL_COMPUTE = "labels, equal compute"  # the labels-only arm again, for about a distilled run's compute
 
@@ -107,6 +109,7 @@ class Candidates:
         self.profile, self.progress, self.model_a = profile, progress, trained.identity
         self._pool: tuple[Dataset, dict, str] | None = None
         self.shipped: list[str] = []  # names of the candidates read from weights/, not trained here
+        self.retraces: dict[str, dict] = {}  # their starts, trained again here (:meth:`retrace`)
 
     def pool(self) -> tuple[Dataset, dict, str]:
         """The train scenes plus the pool with A's pseudo-labels, what labelling decided, and the
@@ -157,35 +160,48 @@ class Candidates:
 
         folder = self.folder(spec, training)
         shipped = shipped_students(self.profile) / folder.name  # same key, same name
-        if (shipped / WEIGHTS).is_file():
-            self.shipped.append(spec.name)
-            target = shipped
-        else:
-            target = ensure_dir(folder, build, config={"student": spec, "training": training})
+        target = shipped if (shipped / WEIGHTS).is_file() else ensure_dir(
+            folder, build, config={"student": spec, "training": training})
         model = self.build(spec)
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
+        if target == shipped and spec.name not in self.shipped:
+            self.shipped.append(spec.name)
+            self.retraces[spec.name] = self.retrace(spec, training, state)
         return model.eval(), state
+
+    def retrace(self, spec: StudentConfig, training: StudentTraining, shipped: TrainState) -> dict:
+        """Train the first :data:`RETRACE_STEPS` steps of a shipped candidate's schedule again,
+        here, with the same seed and batches, and compare the losses with the shipped ones."""
+        data = self.pool()[0] if spec.pool else self.train
+        with tempfile.TemporaryDirectory() as folder:
+            live = train_student(self.build(spec), self.teacher, spec.distill, data, training, Path(folder),
+                                 spec.seed, progress=False, stop=min(RETRACE_STEPS, training.steps))
+        return loss_gaps(live.losses, shipped.losses)
 
     def val_map(self, model: Detector) -> float:
         return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
 
 
 def shipped_students(profile: Profile) -> Path:
-    """Where the book ships the candidates too long to train in the build (B and its control),
-    each in a folder named by its key, as under ``artifacts/<profile>/students/``."""
+    """Where the book ships the candidates too long to train in the build (B, its control and the
+    long students), each in a folder named by its key, as under ``artifacts/<profile>/students/``."""
     return weights_root() / f"students-{profile.name}"
 
 
 def ship_final(profile: Profile | str | None = None) -> list[Path]:
-    """Copy B and its control (the study's ``final``-budget runs) to :func:`shipped_students`,
-    with the command that made them, so a build reads them instead of training them."""
+    """Copy the study's long runs (B and its control at the ``final`` budget, the ``long_students``)
+    to :func:`shipped_students`, with the command that made them, so a build reads them (and
+    re-traces their start) instead of training them."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     results = ensure_smaller(profile)
     found = Candidates(profile, progress=False)
+    settings = profile.smaller
+    long_runs = [(student_config(results["b_config"]), settings.final), (continued(), settings.final)]
+    long_runs += [(spec, settings.long) for spec in settings.long_students]
     copied = []
-    for spec in (student_config(results["b_config"]), continued()):
-        source = found.folder(spec, profile.smaller.final)
+    for spec, training in long_runs:
+        source = found.folder(spec, training)
         target = shipped_students(profile) / source.name
         if not source.is_dir():  # read from weights/ already
             continue
@@ -326,7 +342,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     control, control_state = found.trained(continued(), settings.final)
     models[f"A continued, {settings.final.steps} steps"] = control
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
-                   shipped=found.shipped, ship_command=SHIP_COMMAND.format(profile=profile.name),
+                   shipped=found.shipped, retrace=found.retraces,
+                   ship_command=SHIP_COMMAND.format(profile=profile.name),
                    b_training={"steps": settings.final.steps, "train_seconds": state.seconds,
                                "val_map": found.val_map(model)},
                    final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,

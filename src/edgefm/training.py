@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -216,6 +217,16 @@ class Schedule:
 
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+
+
+def loss_gaps(live: list[float], shipped: list[float]) -> dict:
+    """How far a live re-trace of a shipped run's first steps is from the shipped run's losses
+    over the same steps: same seed and batches, so only another CPU's rounding should part them;
+    a large gap means the shipped run was made otherwise."""
+    steps = len(live)
+    gaps = np.abs(np.asarray(live) - np.asarray(shipped[:steps]))
+    return {"steps": steps, "live_losses": live, "shipped_losses": shipped[:steps],
+            "max_loss_gap": float(gaps.max()), "mean_loss_gap": float(gaps.mean())}
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossFn, data: StepData,

@@ -116,16 +116,18 @@ def student_loss(model: Detector | Distiller, batch: tuple[torch.Tensor, dict]) 
 
 def train_student(student: Detector, teacher: Detector | None, weights: DistillWeights | None,
                   train: Dataset, cfg: StudentTraining, work: Path, seed: int = 0,
-                  progress: bool = True, desc: str = "student", device: str = "auto") -> TrainState:
+                  progress: bool = True, desc: str = "student", device: str = "auto",
+                  stop: int = 0) -> TrainState:
     """Train ``student`` on ``train`` (distilled from ``teacher`` when ``weights`` is given) for
-    ``cfg.steps``; checkpoints in ``work`` let a killed run continue exactly. Returns the history;
-    the student is left on the CPU, in eval mode."""
+    ``cfg.steps`` (``stop`` > 0: only that many steps of the schedule, to re-trace a run's start);
+    checkpoints in ``work`` let a killed run continue exactly. Returns the history; the student
+    is left on the CPU, in eval mode."""
     torch.manual_seed(seed)
     model: Detector | Distiller = (Distiller(student, teacher, weights) if weights is not None else student)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     data = StepData(train, cfg.batch_size, seed, EncodeTargets(student.num_classes, student.stride))
-    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every)
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every, stop=stop)
     state = fit(model, optimizer, student_loss, data, schedule, work / "checkpoint.pt", device=device,
                 progress=progress, desc=desc)
     model.cpu().eval()
