@@ -81,11 +81,11 @@ class Variant:
         """Bytes on disk: the safetensors file of the weights, or the ONNX model with its data."""
         if self.onnx is not None:
             return onnx_size(self.onnx)
-        from safetensors.torch import save_file
+        from edgefm.training import save_weights
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "weights.safetensors"
-            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(path))
+            save_weights(self.module, path)
             return path.stat().st_size
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from edgefm.artifacts import (
-    atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     ensure_dir,
@@ -35,7 +34,7 @@ from edgefm.evaluate import evaluate_split
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
 from edgefm.models.vit import load_mae_backbone, random_mae_backbone
-from edgefm.training import CheckpointError, Schedule, StepData, TrainState, fit, resolve_device
+from edgefm.training import CheckpointError, Schedule, StepData, TrainState, fit, resolve_device, save_weights
 
 WEIGHTS = "model.safetensors"
 INITS = ("mae", "random")
@@ -118,8 +117,7 @@ def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDa
     state = fit(model, optimizer, loss, data, schedule, work / "checkpoint.pt", device=device,
                 workers=workers, validate=validate if dataset.val is not None else None,
                 progress=progress, desc=f"fine-tuning ({cfg.init})")
-    with atomic_path(work / WEIGHTS) as tmp:
-        save_file({k: v.cpu() for k, v in model.state_dict().items()}, str(tmp))
+    save_weights(model, work / WEIGHTS)
     atomic_write_json(work / "train_state.json", asdict(state))
     atomic_write_json(work / "classes.json", train.class_names)
     return state

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
@@ -36,7 +36,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, plain, stage_dir, write_metrics
+from edgefm.artifacts import atomic_write_json, ensure_dir, plain, stage_dir, write_metrics
 from edgefm.bench import count_flops
 from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
@@ -45,7 +45,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import BOOTSTRAP, evaluate_split
 from edgefm.export import export_onnx
 from edgefm.finetune import config_differences, torch_runner, weights_root
-from edgefm.training import Schedule, StepData, TrainState, fit, loss_gaps
+from edgefm.training import Schedule, StepData, TrainState, fit, loss_gaps, save_weights
 
 WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
 FEATURE_MAPS = 6  # SSDlite's: two from the backbone, four extra blocks
@@ -142,8 +142,7 @@ def train_peer(cfg: PeerConfig, dataset: DetectionDataset, detector: DetectorCon
                 work / "checkpoint.pt", device=device, validate=validate if dataset.val is not None else None,
                 progress=progress, desc="training the peer (SSDlite)")
     model.cpu().eval()
-    with atomic_path(work / WEIGHTS) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_weights(model, work / WEIGHTS)
     atomic_write_json(work / "train_state.json", asdict(state))
     return model, state
 

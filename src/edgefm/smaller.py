@@ -34,12 +34,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset, Dataset
 
 from edgefm.artifacts import (
     artifacts_root,
-    atomic_path,
     atomic_write_json,
     config_hash,
     ensure_dir,
@@ -61,7 +60,7 @@ from edgefm.data.transforms import detection_transforms
 from edgefm.evaluate import evaluate_split
 from edgefm.finetune import ensure_finetuned, load_detector, torch_runner, weights_root
 from edgefm.models.detector import Detector
-from edgefm.training import TrainState, loss_gaps
+from edgefm.training import TrainState, loss_gaps, save_weights
 
 WEIGHTS = "model.safetensors"
 SHIP_COMMAND = "edgefm --profile {profile} smaller --ship"
@@ -153,8 +152,7 @@ class Candidates:
             data = self.pool()[0] if spec.pool else self.train
             state = train_student(model, self.teacher, spec.distill, data, training, work, spec.seed,
                                   self.progress, desc=spec.name)
-            with atomic_path(work / WEIGHTS) as tmp:
-                save_file(model.state_dict(), str(tmp))
+            save_weights(model, work / WEIGHTS)
             atomic_write_json(work / "train_state.json", asdict(state))
             (work / "checkpoint.pt").unlink(missing_ok=True)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -217,6 +218,13 @@ class Schedule:
 
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``model``'s parameters and buffers as safetensors at ``path``, written atomically so a
+    killed run never leaves half a file; on the CPU and contiguous, as safetensors needs them."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def loss_gaps(live: list[float], shipped: list[float]) -> dict:
