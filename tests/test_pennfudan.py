@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,10 +22,13 @@ def fake_pennfudan(root, count=4):
 
 
 def test_convert_writes_coco_with_mask_boxes(tmp_path):
-    root = fake_pennfudan(tmp_path / "PennFudanPed")
-    splits = convert(root, tmp_path / "out", eval_count=1)
-    train, evaluation = CocoDetection(splits["train"]), CocoDetection(splits["eval"])
-    assert len(train) == 3 and len(evaluation) == 1
+    root = fake_pennfudan(tmp_path / "PennFudanPed", count=5)
+    splits = convert(root, tmp_path / "out", eval_count=1, val_count=1)
+    train, val, evaluation = (CocoDetection(splits[name]) for name in ("train", "val", "eval"))
+    assert len(train) == 3 and len(val) == 1 and len(evaluation) == 1
+    names = [[r["file_name"] for r in json.loads(splits[n].annotations.read_text())["images"]]
+             for n in ("train", "val", "eval")]
+    assert names == [["Ped00000.png", "Ped00001.png", "Ped00002.png"], ["Ped00003.png"], ["Ped00004.png"]]
     _, target = evaluation[0]
     assert target["boxes"].tolist() == [[10, 5, 20, 25], [50, 30, 61, 58]]
     assert train.class_names == ["person"]
@@ -38,4 +43,11 @@ def test_convert_names_a_missing_mask(tmp_path):
     root = fake_pennfudan(tmp_path / "PennFudanPed")
     (root / "PedMasks" / "Ped00001_mask.png").unlink()
     with pytest.raises(DatasetError, match="Ped00001_mask.png: cannot read instance mask"):
-        convert(root, tmp_path / "out", eval_count=1)
+        convert(root, tmp_path / "out", eval_count=1, val_count=0)
+
+
+def test_convert_without_val_and_with_too_few_images(tmp_path):
+    root = fake_pennfudan(tmp_path / "PennFudanPed")
+    assert set(convert(root, tmp_path / "out", eval_count=1, val_count=0)) == {"train", "eval"}
+    with pytest.raises(DatasetError, match="4 images, too few for 2 eval and 2 val"):
+        convert(root, tmp_path / "again", eval_count=2, val_count=2)

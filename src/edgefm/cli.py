@@ -43,7 +43,7 @@ def _cmd_pennfudan(args: argparse.Namespace) -> None:
     from edgefm.data import pennfudan
 
     root = pennfudan.download(args.root.parent) if args.download else args.root
-    for name, split in pennfudan.convert(root, args.out, eval_count=args.eval_count).items():
+    for name, split in pennfudan.convert(root, args.out, args.eval_count, args.val_count).items():
         print(f"{name}: {split.annotations} (images in {split.images})")
 
 
@@ -507,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fudan = commands.add_parser("pennfudan", help="convert the Penn-Fudan pedestrians to COCO format")
     fudan.add_argument("root", type=Path, help="the unpacked PennFudanPed folder")
-    fudan.add_argument("--out", type=Path, required=True, help="where to write {train,eval}/instances.json")
+    fudan.add_argument("--out", type=Path, required=True,
+                       help="where to write {train,val,eval}/instances.json")
     fudan.add_argument("--eval-count", type=_at_least(1), default=50,
                        help="images held out for eval (the last ones)")
+    fudan.add_argument("--val-count", type=_at_least(0), default=20,
+                       help="images held out for val, before the eval ones (0: no val split)")
     fudan.add_argument("--download", action="store_true", help="download Penn-Fudan first (needs a network)")
     fudan.set_defaults(run=_cmd_pennfudan)
     return parser

@@ -60,8 +60,11 @@ def _pennfudan(profile: Profile) -> DetectionDataset:
         source = pennfudan.download(source.parent)
     root = stage_dir(profile.name, "data", {"source": str(source)}, code="pennfudan")
     ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp))
-    return DetectionDataset(root, CocoSplit(root / "train" / "instances.json", source / "PNGImages"),
-                            CocoSplit(root / "eval" / "instances.json", source / "PNGImages"))
+
+    def split(name: str) -> CocoSplit:
+        return CocoSplit(root / name / "instances.json", source / "PNGImages")
+
+    return DetectionDataset(root, split("train"), split("eval"), split("val"))
 
 
 def dataset_metrics(dataset: DetectionDataset) -> dict:

@@ -42,19 +42,25 @@ def _boxes_from_mask(mask_path: Path) -> list[list[int]]:
     return boxes
 
 
-def convert(root: Path, out: Path, eval_count: int = 50) -> dict[str, CocoSplit]:
-    """Write ``out/{train,eval}/instances.json`` for the Penn-Fudan folder ``root``.
+def convert(root: Path, out: Path, eval_count: int = 50, val_count: int = 20) -> dict[str, CocoSplit]:
+    """Write ``out/{train,val,eval}/instances.json`` for the Penn-Fudan folder ``root``.
 
-    The last ``eval_count`` images (in file-name order) form the eval split.
+    In file-name order, the last ``eval_count`` images form the eval split and the ``val_count``
+    before them the val split, on which the book makes its choices (``val_count`` 0: no val
+    split); the rest train. Penn-Fudan has 170 images: 100 / 20 / 50 by default.
     """
     root, out = Path(root), Path(out)
     image_dir = root / "PNGImages"
     files = sorted(image_dir.glob("*.png"))
     if not files:
         raise DatasetError(f"{image_dir}: no PNG images; is {root} a Penn-Fudan folder?")
-    if eval_count >= len(files):
-        raise DatasetError(f"{root}: {len(files)} images, too few for {eval_count} eval images")
-    parts = {"train": files[:-eval_count], "eval": files[-eval_count:]}
+    if eval_count + val_count >= len(files):
+        raise DatasetError(f"{root}: {len(files)} images, too few for {eval_count} eval and {val_count} val "
+                           "images and a train split")
+    held_out = len(files) - eval_count - val_count
+    parts = {"train": files[:held_out], "val": files[held_out:-eval_count], "eval": files[-eval_count:]}
+    if not val_count:
+        del parts["val"]
     splits = {}
     for split, paths in parts.items():
         images, annotations = [], []
