@@ -15,14 +15,16 @@ from torchvision.transforms.v2 import functional as F
 
 from edgefm import deploy, isa
 from edgefm.artifacts import read_metrics
+from edgefm.bundle import b_description, copy_bundle, write_bundle
 from edgefm.config import DetectorConfig
 from edgefm.data.transforms import Letterbox
-from edgefm.deploy import PEER_INT8, PEER_ORT, choose_recipe, compress, peer_format, write_bundle
+from edgefm.deploy import choose_recipe, compress
 from edgefm.errors import BundleError, ImageError, InputError
 from edgefm.evaluate import detection_agreement
 from edgefm.export import export_onnx
 from edgefm.finetune import torch_runner
 from edgefm.images import letterbox, read_image
+from edgefm.report import PEER_INT8, PEER_ORT, peer_format
 from edgefm.runtime import BUNDLE_FILE, EdgeDetector, detect
 from test_detector import tiny_detector
 
@@ -257,10 +259,10 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     # the bundle runs without the library's training side and matches C's ONNX run in the benchmark
     heat, _ = EdgeDetector(folder).run(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
     assert heat.shape[:2] == (2, 10)
-    copied = deploy.copy_bundle(results, tmp_path / "shipped")
+    copied = copy_bundle(results, tmp_path / "shipped")
     assert (copied / "model.ort").is_file()
     with pytest.raises(FileExistsError, match="not empty"):
-        deploy.copy_bundle(results, copied)
+        copy_bundle(results, copied)
 
 
 def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_dir, tmp_path):
@@ -287,6 +289,6 @@ def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_di
 
 def test_the_model_card_describes_b_in_words():
     shape = {"depth": 3, "width": 0.5, "heads": 0.0, "image_size": 0}
-    assert deploy.b_description(shape, 6) == "3 of A's 6 ViT blocks, 50% of the channels, all of their heads"
-    smaller_input = deploy.b_description({**shape, "heads": 0.34, "image_size": 112}, 6)
+    assert b_description(shape, 6) == "3 of A's 6 ViT blocks, 50% of the channels, all of their heads"
+    smaller_input = b_description({**shape, "heads": 0.34, "image_size": 112}, 6)
     assert smaller_input.endswith("66% of their heads, its input resized to 112 px inside the graph")

@@ -149,7 +149,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "peer": ("edgefm.peer",),
     "smaller": ("edgefm.smaller",),
     "quantization": ("edgefm.quantization",),
-    "deployment": ("edgefm.deploy", "edgefm.runtime"),
+    "deployment": ("edgefm.deploy", "edgefm.bundle", "edgefm.report", "edgefm.runtime"),
 }
 VERSIONS_FILE = PACKAGE_DIR / "stage_versions.json"
 

@@ -317,7 +317,8 @@ def _cmd_peer(args: argparse.Namespace) -> None:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
-    from edgefm.deploy import compress, copy_bundle
+    from edgefm.bundle import copy_bundle
+    from edgefm.deploy import compress
 
     profile = load_profile(args.profile)
     results = compress(profile)

@@ -1,23 +1,19 @@
-"""Model C and the edge bundle: the whole A -> B -> C pipeline, measured in one run.
+"""Model C: the whole A -> B -> C pipeline, measured in one run (the deployment stage).
 
 :func:`compress` takes model A (:mod:`edgefm.finetune`), finds model B (:mod:`edgefm.smaller`)
 and makes C: B exported to ONNX and quantized to INT8 with the recipe that won the quantization
-study of A (:func:`choose_recipe`), then converted to ONNX Runtime's mobile ``.ort`` format
-(graph optimisations applied once, at conversion). C goes into a *bundle* folder with what a
-device needs to run it (:func:`write_bundle`, read by :mod:`edgefm.runtime`) and a model card with
-the measured figures. One :func:`~edgefm.bench.benchmark` run measures A, A in INT8, B, B in ONNX
-and C against each other; ``metrics/deployment.json`` keeps all of it and
-``metrics/summary.json`` the figures of C against A and the book's targets.
+study of A (:func:`choose_recipe`). C goes into a *bundle* folder with what a device needs to run
+it and a model card with the measured figures (:mod:`edgefm.bundle`). One
+:func:`~edgefm.bench.benchmark` run measures A, A in INT8, B, B in ONNX, C and the peer
+(:mod:`edgefm.peer`) against each other; :mod:`edgefm.report` turns the records into verdicts.
+``metrics/deployment.json`` keeps all of it and ``metrics/summary.json`` the figures of C against
+A and the book's targets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
-import shutil
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -28,31 +24,47 @@ from torch import nn
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
 from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile, repeat_ratio
+from edgefm.bundle import (
+    CARD_FILE,
+    MODEL_FILE,
+    agreement_with,
+    b_description,
+    limits,
+    model_card,
+    write_bundle,
+)
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import BOOTSTRAP, detection_agreement, evaluate_split, gap_interval
-from edgefm.export import export_onnx, onnx_files, op_counts
-from edgefm.finetune import ensure_finetuned, load_detector, torch_runner
+from edgefm.evaluate import BOOTSTRAP, evaluate_split, gap_interval
+from edgefm.export import export_onnx, op_counts
+from edgefm.finetune import ensure_finetuned, load_detector
 from edgefm.images import read_image
-from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, has_vnni, weight_peak
+from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, weight_peak
 from edgefm.models.detector import Detector
 from edgefm.peer import ONNX_FILE as PEER_ONNX
 from edgefm.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
 from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.quantization import ensure_quantization
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
-from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect, onnx_runner, open_session
+from edgefm.report import (
+    A_ORT,
+    B_ORT,
+    C_INT8,
+    PAIRED,
+    PEER_FORMATS,
+    PEER_INT8,
+    PEER_ORT,
+    peer_comparison,
+    summary,
+    targets_report,
+)
+from edgefm.runtime import EdgeDetector, onnx_runner, open_session
 from edgefm.smaller import ensure_smaller, load_b
-from edgefm.targets import TARGETS, Check
+from edgefm.targets import TARGETS
 
-MODEL_FILE, CARD_FILE = "model.onnx", "model-card.md"
 QAT = "INT8 QAT"
-A_ORT, B_ORT = "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)"
-C_INT8 = "C (ONNX INT8)"
-PEER_ORT, PEER_INT8 = "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"
-PEER_FORMATS = (PEER_ORT, PEER_INT8)  # the peer's files a practitioner could deploy
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
 NOT_TRANSFERABLE = ("INT8 static-mixed",)
 
@@ -93,44 +105,6 @@ def study_recipe(study: dict, name: str) -> QuantRecipe:
     return QuantRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
 
 
-def to_ort_format(model: Path) -> Path:
-    """``model.ort`` beside ``model.onnx``: ONNX Runtime's flatbuffer format, which its minimal
-    (mobile) builds load, with the graph optimisations applied at conversion
-    (``onnxruntime.tools.convert_onnx_models_to_ort``, fixed optimisations, no x86-only layouts).
-    The tool also writes ``model.required_operators.config``: the operators a reduced build of
-    ONNX Runtime for the device must include."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    logger = logging.getLogger("ort_format_model.utils")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert_onnx_models_to_ort(model, output_dir=model.parent,
-                                       optimization_styles=[OptimizationStyle.Fixed])
-    finally:
-        logger.setLevel(level)
-    return model.with_suffix(".ort")
-
-
-def write_bundle(folder: Path, model: Path, class_names: list[str], detector: DetectorConfig, stride: float,
-                 name: str = "", int8: dict | None = None) -> BundleSpec:
-    """Copy ``model`` (an ONNX detector with its data files) into ``folder`` with its ``.ort``
-    twin and ``bundle.json``: everything :class:`~edgefm.runtime.EdgeDetector` needs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = onnx_files(model)
-    if len(files) > 1:
-        raise ValueError(f"{model}: keeps its weights in {files[1].name}; a bundle takes one-file models")
-    shutil.copyfile(model, folder / MODEL_FILE)
-    ort_model = to_ort_format(folder / MODEL_FILE)
-    spec = BundleSpec(model=MODEL_FILE, ort_model=ort_model.name, class_names=list(class_names),
-                      image_size=detector.image_size, stride=float(stride),
-                      max_detections=detector.max_detections, score_threshold=detector.score_threshold,
-                      name=name, int8=int8)
-    atomic_write_json(folder / BUNDLE_FILE, asdict(spec))
-    return spec
-
-
 def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, train: CocoSplit,
                     profile: Profile, progress: bool, name: str = "c") -> Path:
     """``model`` in INT8 the way the study's ``recipe`` made A's variant (``work/<name>.onnx``): a
@@ -147,80 +121,6 @@ def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, trai
     calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
     return quantize(exported, preprocess(exported, work / f"{name}-fp32-pre.onnx"), work / f"{name}.onnx",
                     study_recipe(study, recipe), calibration)
-
-
-def agreement_with(reference: Detector, detector: EdgeDetector, split: CocoSplit, count: int) -> dict:
-    """How closely the bundle's detections (its own Pillow letterbox, ONNX Runtime, NumPy
-    decoder) follow ``reference``'s in PyTorch on the same ``count`` image files."""
-    records = json.loads(split.annotations.read_text(encoding="utf-8"))["images"][:count]
-    images = [read_image(split.images / r["file_name"]) for r in records]
-    ours = detect(torch_runner(reference), images, detector.spec)
-    return {"images": len(images), **detection_agreement(ours, detector.detect(images))}
-
-
-def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> list[dict]:
-    """Every target on model C, with its measured value and whether it is met; ``map_drop_ci``
-    (points) is the interval the mAP drop is judged with."""
-    values = {**c, "map_drop_relative": (a["map"] - c["map"]) / a["map"]}
-    if map_drop_ci is not None:
-        values["map_drop_range"] = [v / 100 for v in map_drop_ci]
-    checks = [Check.of(t, values) for t in TARGETS if t.model == "C"]
-    return [{"target": c.target.describe(), "origin": c.target.origin, "metric": c.target.metric,
-             "comparison": c.target.comparison, "threshold": c.target.threshold, "value": c.value,
-             "interval": c.interval, "verdict": c.verdict, "met": c.verdict == "met"} for c in checks]
-
-
-def model_card(spec: BundleSpec, c: dict, a: dict, report: list[dict], context: dict) -> str:
-    """``model-card.md``: what the model is, how it was made and measured, and its figures."""
-    rows = "\n".join(
-        f"| {r['name']} | {r['map']:.3f} | {r['map50']:.3f} | {r['latency_ms_1t']:.2f} "
-        f"| {r['latency_ms_2t']:.2f} "
-        f"| {r['latency_speedup_2t']:.2f}x | {r['size_bytes'] / 1e6:.2f} MB | {r['size_reduction']:.1f}x |"
-        for r in (a, c))
-    goals = "\n".join(f"| {g['target']} ({g['origin']}) | {g['value']:.3g} | {g['verdict']} |"
-                      for g in report)
-    machine = context["machine"]
-    return f"""# Model card: {spec.name}
-
-An object detector for the {len(spec.class_names)} classes below, made by `edgefm compress`
-(profile `{context['profile']}`): model B, a student cut from the feasibility model A
-({context['b_description']}), in INT8 by {context['recipe_description']}.
-Figures come from one benchmark run, against model A in PyTorch FP32.
-
-## Use
-
-```
-edgefm predict --model <this folder> image.jpg        # ONNX Runtime, no PyTorch
-python examples/predict.py <this folder> image.jpg     # onnxruntime, numpy and Pillow only
-```
-
-Input: RGB, letterboxed to {spec.image_size} x {spec.image_size} (longer side resized, padded right and
-bottom with grey {spec.pad_value}), float32 in [0, 1], NCHW; the model normalises inside its graph.
-Outputs: class heatmap logits and box distances (left, top, right, bottom, in input pixels) on a
-grid of stride {spec.stride:.4g} px; decode with a 3x3 peak filter, the best {spec.max_detections} peaks
-(`edgefm.decode.decode`). Files: `{spec.model}` (ONNX), `{spec.ort_model}` (ONNX Runtime's format
-for its mobile builds), `model.required_operators.config` (the operators a reduced build of ONNX
-Runtime must include), `bundle.json`.
-
-Classes: {", ".join(spec.class_names)}.
-
-## Measured
-
-On the {context['eval_images']} evaluation scenes (COCO mAP@[.5:.95] and mAP@.5), batch 1, median of
-{context['runs']} runs per thread count, on {machine['cpu']} with ONNX Runtime {machine['onnxruntime']}:
-
-| model | mAP | mAP@.5 | ms, 1 thread | ms, 2 threads | faster than A | file | smaller than A |
-|---|---|---|---|---|---|---|---|
-{rows}
-
-| target | measured | |
-|---|---|---|
-{goals}
-
-## Limits
-
-{context['limits']}
-"""
 
 
 def _build(work: Path, profile: Profile, progress: bool) -> None:
@@ -304,9 +204,6 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     atomic_write_json(work / "results.json", results)
 
 
-PAIRED = ("A (PyTorch FP32)", C_INT8, *PEER_FORMATS)  # whose mAPs carry intervals and paired gaps
-
-
 def _decoding(variants: list[Variant], model_a: Detector, b: Detector, peer: nn.Module) -> dict[str, dict]:
     """How each variant's outputs become detections: A's and B's heatmaps at their stride, the
     peer's anchors through its own decoder."""
@@ -334,40 +231,6 @@ def compute_of_a_and_b(a_flops: int, a_config, b_flops: int, smaller: dict, prof
     teacher = a_flops * b_images if smaller["b_config"].get("distill") else 0.0
     return (training_flops(a_flops, a_config.steps * a_config.batch_size)
             + training_flops(b_flops, b_images) + teacher)
-
-
-def peer_format(records: dict[str, dict], val_maps: dict[str, float]) -> str:
-    """The peer's file a practitioner would deploy, chosen on the val scenes: of its FP32 and INT8
-    files, the fastest at camera rate on 2 threads among those whose val mAP is within C's mAP
-    target (:data:`~edgefm.targets.TARGETS`) of the FP32 file's. INT8 is not assumed to pay: on a
-    network it was not tuned for, it may be slower or lose more than the target allows."""
-    tolerance = next(t.threshold for t in TARGETS if t.model == "C" and t.metric == "map_drop")
-    kept = [name for name in PEER_FORMATS if val_maps[PEER_ORT] - val_maps[name] <= tolerance]
-    return min(kept, key=lambda name: records[name]["latency_camera_ms_2t"])
-
-
-def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float],
-                    samples: dict[str, list[float]], peer_results: dict, a_and_b_flops: float) -> dict:
-    """C against the peer in the format it would be deployed in (:func:`peer_format`), from one
-    benchmark run: the mAP gap (points, C minus peer) with its paired interval, the verdict it
-    allows, the latency at camera rate, and how the peer's training compute compares with A's
-    and B's. ``formats`` keeps both of the peer's files' figures, the one not chosen included."""
-    chosen = peer_format(records, val_maps)
-    peer = records[chosen]
-    interval = [100 * v for v in gap_interval(samples[C_INT8], samples[chosen])]
-    verdict = ("C more accurate" if interval[0] > 0 else "the peer more accurate" if interval[1] < 0
-               else "no difference shown")
-    formats = {name: {"val_map": val_maps[name], "map": records[name]["map"],
-                      "map_ci": records[name].get("map_ci"),
-                      "latency_camera_ms_2t": records[name]["latency_camera_ms_2t"]} for name in PEER_FORMATS}
-    return {"format": chosen, "formats": formats, "chosen_on": "val",
-            "map_gap": 100 * (c["map"] - peer["map"]), "map_gap_ci": interval, "verdict": verdict,
-            "c_latency_camera_ms_2t": c["latency_camera_ms_2t"],
-            "peer_latency_camera_ms_2t": peer["latency_camera_ms_2t"],
-            "peer_train_flops": peer_results["train_flops"], "a_and_b_train_flops": a_and_b_flops,
-            "compute_fraction": peer_results["train_flops"] / a_and_b_flops,
-            "peer_steps": peer_results["steps"], "peer_shipped": peer_results["shipped"],
-            "peer_val_curve": peer_results["val_curve"]}
 
 
 def add_ratios_to(reference: dict, records: list[dict], threads: tuple[int, ...]) -> None:
@@ -401,29 +264,6 @@ def timed_alone(variant: Variant, size: int, threads: int, bench: BenchConfig) -
     return {**timing, "with_pauses_ms": paused["after_idle_ms"]}
 
 
-def b_description(config: dict, a_depth: int) -> str:
-    """B's shape in words, from its :class:`~edgefm.config.StudentConfig` record."""
-    pixels = config["image_size"]
-    size = f", its input resized to {pixels} px inside the graph" if pixels else ""
-    heads = "all of their heads" if not config["heads"] else f"{1 - config['heads']:.0%} of their heads"
-    return (f"{config['depth']} of A's {a_depth} ViT blocks, {1 - config['width']:.0%} of the channels, "
-            f"{heads}{size}")
-
-
-DATASETS = {"fashion-scenes": "synthetic scenes of Fashion-MNIST items on textured backgrounds: it has "
-                              "never seen a real photograph",
-            "pennfudan": "the 170 Penn-Fudan street photographs: far too few for a general pedestrian "
-                         "detector"}
-
-
-def limits(source: str, machine: dict) -> str:
-    """The model card's limits: what the model was trained on and what the timings depend on."""
-    vnni = has_vnni(machine["isa"])
-    return (f"Trained on {DATASETS.get(source, source)}. Latency is this machine's ({machine['cpu']}, "
-            f"{machine['cores']} cores, {'with' if vnni else 'without'} VNNI); other CPUs give other "
-            "numbers, and INT8 gains most where the CPU has 8-bit dot-product instructions.")
-
-
 class DeployedVariant(Variant):
     """An ONNX model timed as a device runs it on its own: ONNX Runtime's default thread spinning
     (the benchmark stops it after each run, so that interleaved models do not steal each other's
@@ -431,21 +271,6 @@ class DeployedVariant(Variant):
 
     def runner(self, threads: int):
         return onnx_runner(open_session(self.onnx, threads=threads))
-
-
-def summary(results: dict) -> dict:
-    """``summary.json``: A and C, their ratios and the targets, all from one benchmark run."""
-    records = {r["name"]: r for r in results["variants"]}
-    a, c = records["A (PyTorch FP32)"], records[C_INT8]
-    return {"A": a, "C": c, "map_drop_ci": results["map_drop_ci"], "peer": results["peer"],
-            "latency_speedup_2t": c["latency_speedup_2t"],
-            "latency_speedup_1t": c["latency_speedup_1t"], "camera_speedup_2t": c["camera_speedup_2t"],
-            "camera_speedup_2t_range": c["camera_speedup_2t_range"],
-            "camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
-            "size_reduction": c["size_reduction"],
-            "map_drop": (a["map"] - c["map"]) * 100, "map_drop_unit": "mAP points (0.01 of mAP@[.5:.95])",
-            "targets": results["targets"], "all_targets_met": all(t["met"] for t in results["targets"]),
-            "machine": results["machine"]}
 
 
 def compress(profile: Profile | str | None = None, progress: bool = True) -> dict:
@@ -471,11 +296,4 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     write_metrics(profile.name, "summary", summary(results))
     return results
 
-
-def copy_bundle(results: dict, destination: Path) -> Path:
-    """Copy the built bundle to ``destination`` (a new or empty folder)."""
-    if destination.exists() and any(destination.iterdir()):
-        raise FileExistsError(f"{destination}: not empty; give a new folder for the bundle")
-    shutil.copytree(results["bundle_folder"], destination, dirs_exist_ok=True)
-    return destination
 

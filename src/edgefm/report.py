@@ -1,0 +1,80 @@
+"""The final benchmark's verdicts: C against the book's targets, C against the peer, the summary.
+
+The deployment stage (:mod:`edgefm.deploy`) measures every variant in one benchmark run; the
+functions here turn those records into the decisions the chapters display: which targets C meets
+(:func:`targets_report`, judged with intervals), which of the peer's files a practitioner would
+deploy (:func:`peer_format`, chosen on val) and whether C beats it (:func:`peer_comparison`), and
+``summary.json`` (:func:`summary`). The variants are named here, by role.
+"""
+
+from __future__ import annotations
+
+from edgefm.evaluate import gap_interval
+from edgefm.targets import TARGETS, Check
+
+A_TORCH, A_ORT, B_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)"
+C_INT8 = "C (ONNX INT8)"
+PEER_ORT, PEER_INT8 = "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"
+PEER_FORMATS = (PEER_ORT, PEER_INT8)  # the peer's files a practitioner could deploy
+PAIRED = (A_TORCH, C_INT8, *PEER_FORMATS)  # whose mAPs carry intervals and paired gaps
+
+
+def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> list[dict]:
+    """Every target on model C, with its measured value and whether it is met; ``map_drop_ci``
+    (points) is the interval the mAP drop is judged with."""
+    values = {**c, "map_drop_relative": (a["map"] - c["map"]) / a["map"]}
+    if map_drop_ci is not None:
+        values["map_drop_range"] = [v / 100 for v in map_drop_ci]
+    checks = [Check.of(t, values) for t in TARGETS if t.model == "C"]
+    return [{"target": c.target.describe(), "origin": c.target.origin, "metric": c.target.metric,
+             "comparison": c.target.comparison, "threshold": c.target.threshold, "value": c.value,
+             "interval": c.interval, "verdict": c.verdict, "met": c.verdict == "met"} for c in checks]
+
+
+def peer_format(records: dict[str, dict], val_maps: dict[str, float]) -> str:
+    """The peer's file a practitioner would deploy, chosen on the val scenes: of its FP32 and INT8
+    files, the fastest at camera rate on 2 threads among those whose val mAP is within C's mAP
+    target (:data:`~edgefm.targets.TARGETS`) of the FP32 file's. INT8 is not assumed to pay: on a
+    network it was not tuned for, it may be slower or lose more than the target allows."""
+    tolerance = next(t.threshold for t in TARGETS if t.model == "C" and t.metric == "map_drop")
+    kept = [name for name in PEER_FORMATS if val_maps[PEER_ORT] - val_maps[name] <= tolerance]
+    return min(kept, key=lambda name: records[name]["latency_camera_ms_2t"])
+
+
+def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float],
+                    samples: dict[str, list[float]], peer_results: dict, a_and_b_flops: float) -> dict:
+    """C against the peer in the format it would be deployed in (:func:`peer_format`), from one
+    benchmark run: the mAP gap (points, C minus peer) with its paired interval, the verdict it
+    allows, the latency at camera rate, and how the peer's training compute compares with A's
+    and B's. ``formats`` keeps both of the peer's files' figures, the one not chosen included."""
+    chosen = peer_format(records, val_maps)
+    peer = records[chosen]
+    interval = [100 * v for v in gap_interval(samples[C_INT8], samples[chosen])]
+    verdict = ("C more accurate" if interval[0] > 0 else "the peer more accurate" if interval[1] < 0
+               else "no difference shown")
+    formats = {name: {"val_map": val_maps[name], "map": records[name]["map"],
+                      "map_ci": records[name].get("map_ci"),
+                      "latency_camera_ms_2t": records[name]["latency_camera_ms_2t"]} for name in PEER_FORMATS}
+    return {"format": chosen, "formats": formats, "chosen_on": "val",
+            "map_gap": 100 * (c["map"] - peer["map"]), "map_gap_ci": interval, "verdict": verdict,
+            "c_latency_camera_ms_2t": c["latency_camera_ms_2t"],
+            "peer_latency_camera_ms_2t": peer["latency_camera_ms_2t"],
+            "peer_train_flops": peer_results["train_flops"], "a_and_b_train_flops": a_and_b_flops,
+            "compute_fraction": peer_results["train_flops"] / a_and_b_flops,
+            "peer_steps": peer_results["steps"], "peer_shipped": peer_results["shipped"],
+            "peer_val_curve": peer_results["val_curve"]}
+
+
+def summary(results: dict) -> dict:
+    """``summary.json``: A and C, their ratios and the targets, all from one benchmark run."""
+    records = {r["name"]: r for r in results["variants"]}
+    a, c = records[A_TORCH], records[C_INT8]
+    return {"A": a, "C": c, "map_drop_ci": results["map_drop_ci"], "peer": results["peer"],
+            "latency_speedup_2t": c["latency_speedup_2t"],
+            "latency_speedup_1t": c["latency_speedup_1t"], "camera_speedup_2t": c["camera_speedup_2t"],
+            "camera_speedup_2t_range": c["camera_speedup_2t_range"],
+            "camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
+            "size_reduction": c["size_reduction"],
+            "map_drop": (a["map"] - c["map"]) * 100, "map_drop_unit": "mAP points (0.01 of mAP@[.5:.95])",
+            "targets": results["targets"], "all_targets_met": all(t["met"] for t in results["targets"]),
+            "machine": results["machine"]}
