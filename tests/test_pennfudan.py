@@ -13,7 +13,8 @@ def fake_pennfudan(root, count=4):
     (root / "PNGImages").mkdir(parents=True)
     (root / "PedMasks").mkdir()
     for i in range(count):
-        Image.fromarray(np.full((60, 80, 3), 30 * i, np.uint8)).save(root / "PNGImages" / f"Ped{i:05d}.png")
+        image = np.full((60, 80, 3), 30 * i % 256, np.uint8)
+        Image.fromarray(image).save(root / "PNGImages" / f"Ped{i:05d}.png")
         mask = np.zeros((60, 80), np.uint8)
         mask[5:25, 10:20] = 1
         mask[30:58, 50:61] = 2
@@ -51,3 +52,15 @@ def test_convert_without_val_and_with_too_few_images(tmp_path):
     assert set(convert(root, tmp_path / "out", eval_count=1, val_count=0)) == {"train", "eval"}
     with pytest.raises(DatasetError, match="4 images, too few for 2 eval and 2 val"):
         convert(root, tmp_path / "again", eval_count=2, val_count=2)
+
+
+def test_the_full_profile_holds_out_val_and_eval_as_its_data_config_says(tmp_path, monkeypatch):
+    from edgefm.config import load_profile
+    from edgefm.data import PENNFUDAN_ENV, ensure_dataset
+
+    profile = load_profile("full")
+    count = profile.data.val_scenes + profile.data.eval_scenes + 5
+    monkeypatch.setenv(PENNFUDAN_ENV, str(fake_pennfudan(tmp_path / "PennFudanPed", count=count)))
+    dataset = ensure_dataset(profile)
+    sizes = [len(CocoDetection(split)) for split in (dataset.train, dataset.val, dataset.eval)]
+    assert sizes == [5, profile.data.val_scenes, profile.data.eval_scenes]

@@ -88,14 +88,21 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(
         profile="smoke")
-    found = smaller.Candidates(profile, progress=False)
-    b_spec = smaller.student_config(results["b_config"])
-    shutil.rmtree(found.folder(b_spec, profile.smaller.final))  # only the shipped copy is left
+    found = smaller.Candidates(profile, progress=False, check_shipped=True)
+    b_spec, long_spec = smaller.student_config(results["b_config"]), profile.smaller.long_students[0]
+    for spec, training in ((b_spec, profile.smaller.final), (long_spec, profile.smaller.long)):
+        shutil.rmtree(found.folder(spec, training))  # only the shipped copy is left
+    loader = smaller.Candidates(profile, progress=False)
+    loader.trained(b_spec, profile.smaller.final)
+    assert loader.retraces == {}  # loading B alone (load_b) checks nothing
     model, _ = found.trained(b_spec, profile.smaller.final)
-    assert found.shipped == [b_spec.name]
-    retraced = found.retraces[b_spec.name]  # same seed, same batches: the same losses
-    assert retraced["steps"] == min(smaller.RETRACE_STEPS, profile.smaller.final.steps)
-    assert retraced["max_loss_gap"] < 1e-3
+    found.trained(b_spec, profile.smaller.final)  # asked again: checked once
+    found.trained(long_spec, profile.smaller.long)
+    assert found.shipped == [b_spec.name, long_spec.name]
+    for retraced, training in zip(found.retraces.values(), (profile.smaller.final, profile.smaller.long),
+                                  strict=True):  # same seed, same batches: the same losses
+        assert retraced["steps"] == min(smaller.RETRACE_STEPS, training.steps)
+        assert retraced["max_loss_gap"] < 1e-3
     assert torch.equal(model.state_dict()["head.box.0.weight"], b.state_dict()["head.box.0.weight"])
 
 

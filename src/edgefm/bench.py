@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.config import BenchConfig
-from edgefm.export import fixed_batch, onnx_size
+from edgefm.export import fixed_batch, onnx_size, op_counts
 from edgefm.isa import cpu, isa
 from edgefm.runtime import LEVELS, onnx_runner, open_session
 
@@ -217,6 +217,28 @@ def throughput(variant: Variant, image_size: int, batch: int, threads: int, runs
 # ONNX Runtime's integer matrix-product kernels (after its QDQ fusions): where INT8 does its work
 INTEGER_PRODUCTS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                     "QGemm", "DynamicQuantizeMatMul")
+
+
+QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")  # INT8 <-> float
+
+
+def runtime_operators(model: Path) -> dict[str, dict[str, int]]:
+    """What ONNX Runtime runs of an ONNX model, by node type, after its portable graph
+    optimisations (the extended level: a quantize-dequantize pair around an operator it has an
+    INT8 kernel for is fused into that kernel): ``int8`` kernels, ``conversions`` between INT8
+    and float, and ``float``, everything else. A QDQ file's node counts alone cannot tell these
+    apart."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        counts = op_counts(Path(folder) / "optimized.onnx")
+    int8 = {op: n for op, n in counts.items() if op.startswith("QLinear") or op in INTEGER_PRODUCTS}
+    conversions = {op: n for op, n in counts.items() if op in QUANTIZE_OPS}
+    return {"int8": int8, "conversions": conversions,
+            "float": {op: n for op, n in counts.items() if op not in int8 and op not in conversions}}
 
 
 def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int = 20) -> dict:

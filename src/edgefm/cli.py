@@ -485,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: SQLite in the stage folder)")
     smaller.add_argument("--trials", type=_at_least(1), default=None, help="finished trials the search needs "
                          "(default: the profile's)")
-    smaller.add_argument("--ship", action="store_true", help="copy B and its control (the runs too long "
-                         "for the build) to weights/students-<profile>/, where builds read them")
+    smaller.add_argument("--ship", action="store_true", help="copy the study's long runs (B, its control, "
+                         "the long students) to weights/students-<profile>/, where builds read, check them")
     smaller.set_defaults(run=_cmd_smaller)
 
     peer = commands.add_parser("peer", help="train the detector a practitioner would pick instead "

@@ -23,7 +23,15 @@ import numpy as np
 from torch import nn
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, latencies, module_variant, operator_profile, repeat_ratio
+from edgefm.bench import (
+    Variant,
+    benchmark,
+    latencies,
+    module_variant,
+    operator_profile,
+    repeat_ratio,
+    runtime_operators,
+)
 from edgefm.bundle import (
     CARD_FILE,
     MODEL_FILE,
@@ -168,7 +176,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     results["map_drop_ci"] = [100 * v for v in gap_interval(samples[a.name], samples[C_INT8])]
     results["peer"] = peer_comparison(c_record, records, peer_val, samples, peer, compute_of_a_and_b(
         a_record["flops"], trained.config, c_record["flops"], smaller, profile))
-    results["peer"].update(recipe=peer_recipe, int8_operators=op_counts(peer_int8))
+    results["peer"].update(recipe=peer_recipe, int8_operators=runtime_operators(peer_int8))
     c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval,
                                                   profile.quantize.bench.runs)
     results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,

@@ -286,7 +286,7 @@ def run_long_runs(profile: Profile, out: Path | None = None, device: str = "auto
     for run in runs:
         if (work / f"{run.name}.json").is_file():
             records[run.name] = json.loads((work / f"{run.name}.json").read_text(encoding="utf-8"))
-    command = f"edgefm --profile {profile.name} long-runs --device {device} --parallel {parallel}"
+    command = f"edgefm --profile {profile.name} long-runs"  # each run: long-runs --only NAME
     atomic_write_json(records_path, {"command": command, "runs": records})
     yield f"records: {records_path}" + (f"; failed: {', '.join(failed)}" if failed else "")
 

@@ -93,7 +93,7 @@ def paired_gap(arm: list[float], reference: list[float]) -> dict:
 class Candidates:
     """Builds, trains (once) and loads the candidates of a study, all from the same teacher."""
 
-    def __init__(self, profile: Profile, progress: bool):
+    def __init__(self, profile: Profile, progress: bool, check_shipped: bool = False):
         trained = ensure_finetuned(profile, progress=progress)
         self.teacher, self.detector, self.backbone = (load_detector(trained), trained.config.detector,
                                                       trained.backbone)
@@ -107,8 +107,9 @@ class Candidates:
             self.mae_source = ensure_pretrained(profile, progress=progress).source
         self.profile, self.progress, self.model_a = profile, progress, trained.identity
         self._pool: tuple[Dataset, dict, str] | None = None
-        self.shipped: list[str] = []  # names of the candidates read from weights/, not trained here
-        self.retraces: dict[str, dict] = {}  # their starts, trained again here (:meth:`retrace`)
+        self.shipped: list[str] = []  # names of the candidates read from weights/ and checked
+        self.retraces: dict[str, dict] = {}  # by folder: their starts, trained again (:meth:`retrace`)
+        self.check_shipped = check_shipped  # the study checks what it reads; loading B alone does not
 
     def pool(self) -> tuple[Dataset, dict, str]:
         """The train scenes plus the pool with A's pseudo-labels, what labelling decided, and the
@@ -145,7 +146,8 @@ class Candidates:
         return stage_dir(self.profile.name, "students", key)
 
     def trained(self, spec: StudentConfig, training: StudentTraining) -> tuple[Detector, TrainState]:
-        """The candidate after ``training``, trained now unless an earlier run left it."""
+        """The candidate after ``training``, trained now unless an earlier run left it (or the
+        book ships it: then, with ``check_shipped``, its start is re-traced once, :meth:`retrace`)."""
 
         def build(work: Path) -> None:
             model = self.build(spec)
@@ -163,9 +165,9 @@ class Candidates:
         model = self.build(spec)
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
-        if target == shipped and spec.name not in self.shipped:
+        if target == shipped and self.check_shipped and folder.name not in self.retraces:
             self.shipped.append(spec.name)
-            self.retraces[spec.name] = self.retrace(spec, training, state)
+            self.retraces[folder.name] = {"name": spec.name, **self.retrace(spec, training, state)}
         return model.eval(), state
 
     def retrace(self, spec: StudentConfig, training: StudentTraining, shipped: TrainState) -> dict:
@@ -293,7 +295,7 @@ def _arms(found: Candidates, models: dict, a_val: float) -> dict:
 
 def _build(work: Path, profile: Profile, progress: bool) -> None:
     settings = profile.smaller
-    found = Candidates(profile, progress)
+    found = Candidates(profile, progress, check_shipped=True)
     size = found.detector.image_size
     model_a = module_variant(found.teacher, size)
     results: dict = {"model_a": found.model_a, "a_val_map": found.val_map(found.teacher)}

@@ -229,8 +229,8 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 def loss_gaps(live: list[float], shipped: list[float]) -> dict:
     """How far a live re-trace of a shipped run's first steps is from the shipped run's losses
-    over the same steps: same seed and batches, so only another CPU's rounding should part them;
-    a large gap means the shipped run was made otherwise."""
+    over the same steps: same seed and batches, so only another processor's arithmetic (another
+    CPU's rounding, a GPU's bf16) should part them; a large gap means the run was made otherwise."""
     steps = len(live)
     gaps = np.abs(np.asarray(live) - np.asarray(shipped[:steps]))
     return {"steps": steps, "live_losses": live, "shipped_losses": shipped[:steps],

@@ -58,8 +58,9 @@ def _pennfudan(profile: Profile) -> DetectionDataset:
                 f"folder, or {DOWNLOAD_ENV}=1 to download it (needs a network)"
             )
         source = pennfudan.download(source.parent)
-    root = stage_dir(profile.name, "data", {"source": str(source)}, code="pennfudan")
-    ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp))
+    held_out = {"eval_count": profile.data.eval_scenes, "val_count": profile.data.val_scenes}
+    root = stage_dir(profile.name, "data", {"source": str(source), **held_out}, code="pennfudan")
+    ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp, **held_out))
 
     def split(name: str) -> CocoSplit:
         return CocoSplit(root / name / "instances.json", source / "PNGImages")
