@@ -326,7 +326,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     for target in results["targets"]:
         interval = target["interval"]
         spread = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else ""
-        print(f"  {target['verdict']:<12} {target['target']} ({target['origin']}): {target['value']:.3g}{spread}")
+        print(f"  {target['verdict']:<12} {target['target']} ({target['origin']}): "
+              f"{target['value']:.3g}{spread}")
     bundle = copy_bundle(results, args.out) if args.out is not None else results["bundle_folder"]
     print(f"C: {results['recipe']} of B; bundle: {bundle}")
 
