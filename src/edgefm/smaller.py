@@ -107,9 +107,17 @@ class Candidates:
             self.mae_source = ensure_pretrained(profile, progress=progress).source
         self.profile, self.progress, self.model_a = profile, progress, trained.identity
         self._pool: tuple[Dataset, dict, str] | None = None
-        self.shipped: list[str] = []  # names of the candidates read from weights/ and checked
-        self.retraces: dict[str, dict] = {}  # by folder: their starts, trained again (:meth:`retrace`)
+        self.retraces: dict[str, dict] = {}  # by folder: shipped runs' starts, trained again
         self.check_shipped = check_shipped  # the study checks what it reads; loading B alone does not
+
+    @property
+    def shipped(self) -> list[str]:
+        """Names of the candidates read from weights/ and checked, in the order they were asked for."""
+        return [r["name"] for r in self.retraces.values()]
+
+    def data(self, spec: StudentConfig) -> Dataset:
+        """What a candidate trains on: the labelled scenes, plus the pseudo-labelled pool if it uses it."""
+        return self.pool()[0] if spec.pool else self.train
 
     def pool(self) -> tuple[Dataset, dict, str]:
         """The train scenes plus the pool with A's pseudo-labels, what labelling decided, and the
@@ -151,9 +159,8 @@ class Candidates:
 
         def build(work: Path) -> None:
             model = self.build(spec)
-            data = self.pool()[0] if spec.pool else self.train
-            state = train_student(model, self.teacher, spec.distill, data, training, work, spec.seed,
-                                  self.progress, desc=spec.name)
+            state = train_student(model, self.teacher, spec.distill, self.data(spec), training, work,
+                                  spec.seed, self.progress, desc=spec.name)
             save_weights(model, work / WEIGHTS)
             atomic_write_json(work / "train_state.json", asdict(state))
             (work / "checkpoint.pt").unlink(missing_ok=True)
@@ -166,17 +173,16 @@ class Candidates:
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
         if target == shipped and self.check_shipped and folder.name not in self.retraces:
-            self.shipped.append(spec.name)
             self.retraces[folder.name] = {"name": spec.name, **self.retrace(spec, training, state)}
         return model.eval(), state
 
     def retrace(self, spec: StudentConfig, training: StudentTraining, shipped: TrainState) -> dict:
         """Train the first :data:`RETRACE_STEPS` steps of a shipped candidate's schedule again,
         here, with the same seed and batches, and compare the losses with the shipped ones."""
-        data = self.pool()[0] if spec.pool else self.train
+        steps = min(RETRACE_STEPS, training.steps)
         with tempfile.TemporaryDirectory() as folder:
-            live = train_student(self.build(spec), self.teacher, spec.distill, data, training, Path(folder),
-                                 spec.seed, progress=False, stop=min(RETRACE_STEPS, training.steps))
+            live = train_student(self.build(spec), self.teacher, spec.distill, self.data(spec), training,
+                                 Path(folder), spec.seed, progress=False, stop=steps)
         return loss_gaps(live.losses, shipped.losses)
 
     def val_map(self, model: Detector) -> float:
