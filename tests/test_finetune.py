@@ -107,3 +107,32 @@ def test_a_shipped_detector_is_used_only_with_its_exact_config(fashion_dir, tmp_
     retrained = ensure_finetuned(other, init="random", progress=False)
     assert not retrained.shipped
     assert "made with another config (differs in: finetune.lr)" in capsys.readouterr().out
+
+
+def _gap(gap: float, margin: float) -> dict:
+    return {"gap": gap, "margin": margin, "significant": abs(gap) > margin}
+
+
+def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
+    from edgefm.feasibility import pretraining_summary
+
+    curve = [{"fraction": f, "init": i, "map": m} for f, i, m in
+             ((0.03, "mae", 0.036), (0.03, "random", 0.026), (0.3, "mae", 0.2), (0.3, "random", 0.21))]
+    metrics = {"label_efficiency": curve,
+               "retrace": {"steps": 300, "mae_vs_random": _gap(0.026, 0.011)},
+               "mae_vs_random": [{"fraction": 0.03, **_gap(0.010, 0.004)},
+                                 {"fraction": 0.3, **_gap(-0.01, 0.02)},
+                                 {"fraction": 1.0, **_gap(-0.013, 0.022)}]}
+    level = pretraining_summary(metrics)
+    assert level["paid"] is False
+    assert "are level" in level["text"] and "head start, not a better end point" in level["text"]
+    assert "beats a random one at 3 % (+1.0)" in level["text"] and "level at 30 % (-1.0)" in level["text"]
+    assert "at most 0.210 mAP" in level["text"]
+
+    metrics["mae_vs_random"][-1] = {"fraction": 1.0, **_gap(0.05, 0.02)}
+    paid = pretraining_summary(metrics)
+    assert paid["paid"] is True and "head start" not in paid["text"]
+
+    metrics["mae_vs_random"].pop()  # the twin's whole schedule missing: judged on the re-trace only
+    missing = pretraining_summary(metrics)
+    assert missing["paid"] is None and "not in this build" in missing["text"]

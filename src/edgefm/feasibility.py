@@ -248,6 +248,40 @@ def gap_verdict(gap: dict, first: str, second: str) -> str:
     return f"{first} beats {second}" if gap["gap"] > 0 else f"{second} beats {first}"
 
 
+def pretraining_summary(metrics: dict) -> dict:
+    """What MAE pretraining bought in this study, in the words every chapter uses: the verdict with
+    all the labels at the end of A's schedule and over its re-traced start (a head start is not a
+    better end point), and at each smaller fraction with how far the better detector got there, so
+    that a gain where neither finds much is read as such. ``paid``: the MAE encoder beat the
+    random one with all the labels at the end of the schedule (None when the twin is missing)."""
+    def judged(gap: dict) -> str:
+        return (f"{gap_verdict(gap, 'the MAE encoder', 'a random one')} ({100 * gap['gap']:+.1f} points "
+                f"of mAP, against a margin of {100 * gap['margin']:.1f})")
+
+    gaps = {g["fraction"]: g for g in metrics["mae_vs_random"]}
+    full, start = gaps.pop(1.0, None), metrics["retrace"]["mae_vs_random"]
+    early = f"over the first {metrics['retrace']['steps']:,d} steps of A's schedule, {judged(start)}"
+    if full is None:
+        text = f"With all the labels, {early}; the twin's whole schedule is not in this build"
+    else:
+        text = f"With all the labels at the end of A's schedule, {judged(full)}; {early}"
+        if start["significant"] and start["gap"] > 0 and not (full["significant"] and full["gap"] > 0):
+            text += ": pretraining gave a head start, not a better end point"
+    if gaps:
+        outcomes = {"mae": [], "level": [], "random": []}
+        for fraction, g in sorted(gaps.items()):
+            side = "level" if not g["significant"] else "mae" if g["gap"] > 0 else "random"
+            outcomes[side].append(f"{100 * fraction:g} % ({100 * g['gap']:+.1f})")
+        said = {"mae": "the MAE encoder beats a random one at", "level": "the two are level at",
+                "random": "a random encoder beats the MAE one at"}
+        best = max(p["map"] for p in metrics["label_efficiency"] if p["fraction"] in gaps)
+        text += (". With fewer labels, " + "; ".join(f"{said[side]} {', '.join(at)}"
+                                                  for side, at in outcomes.items() if at)
+                 + f", where the better detector reaches at most {best:.3f} mAP")
+    paid = None if full is None else bool(full["significant"] and full["gap"] > 0)
+    return {"paid": paid, "text": text + "."}
+
+
 def run_long_runs(profile: Profile, out: Path | None = None, device: str = "auto", parallel: int = 1,
                   workers: int | None = None, only: list[str] | None = None) -> Iterator[str]:
     """Train the study's runs with ``edgefm train`` in ``parallel`` processes (longest first) and
