@@ -196,11 +196,16 @@ def test_the_recipe_repeated_on_b_is_the_fastest_that_meets_a_int8_targets_on_va
 
 
 def test_the_peer_is_compared_in_the_faster_of_its_files_that_keeps_its_val_map_within_the_target():
-    records = {PEER_ORT: {"latency_camera_ms_2t": 4.0}, PEER_INT8: {"latency_camera_ms_2t": 3.0}}
-    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.215}) == PEER_INT8  # faster, within 1 point
-    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.205}) == PEER_ORT  # loses too much on val
-    records[PEER_INT8]["latency_camera_ms_2t"] = 6.8  # INT8 slower on this network: FP32 is deployed
-    assert peer_format(records, {PEER_ORT: 0.220, PEER_INT8: 0.230}) == PEER_ORT
+    def chosen(fp32_val: float, int8_val: float, int8_ms: float) -> tuple[str, str]:
+        return peer_format({PEER_ORT: {"val_map": fp32_val, "latency_camera_ms_2t": 4.0},
+                            PEER_INT8: {"val_map": int8_val, "latency_camera_ms_2t": int8_ms}})
+
+    name, reason = chosen(0.220, 0.215, 3.0)  # faster, within 1 point
+    assert name == PEER_INT8 and reason.startswith("INT8 is deployed")
+    name, reason = chosen(0.220, 0.205, 3.0)
+    assert name == PEER_ORT and "loses more val mAP" in reason
+    name, reason = chosen(0.220, 0.230, 6.8)  # INT8 slower on this network: FP32 is deployed
+    assert name == PEER_ORT and "slower" in reason
 
 
 def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_path):

@@ -31,14 +31,24 @@ def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> 
              "interval": c.interval, "verdict": c.verdict, "met": c.verdict == "met"} for c in checks]
 
 
-def peer_format(records: dict[str, dict], val_maps: dict[str, float]) -> str:
-    """The peer's file a practitioner would deploy, chosen on the val scenes: of its FP32 and INT8
-    files, the fastest at camera rate on 2 threads among those whose val mAP is within C's mAP
-    target (:data:`~edgefm.targets.TARGETS`) of the FP32 file's. INT8 is not assumed to pay: on a
+def peer_format(formats: dict[str, dict]) -> tuple[str, str]:
+    """The peer's file a practitioner would deploy, chosen on the val scenes, and why in words:
+    of its FP32 and INT8 files (``formats``: each one's ``val_map`` and ``latency_camera_ms_2t``),
+    the fastest at camera rate on 2 threads among those whose val mAP is within C's mAP target
+    (:data:`~edgefm.targets.TARGETS`) of the FP32 file's. INT8 is not assumed to pay: on a
     network it was not tuned for, it may be slower or lose more than the target allows."""
     tolerance = next(t.threshold for t in TARGETS if t.model == "C" and t.metric == "map_drop")
-    kept = [name for name in PEER_FORMATS if val_maps[PEER_ORT] - val_maps[name] <= tolerance]
-    return min(kept, key=lambda name: records[name]["latency_camera_ms_2t"])
+    ms = {name: formats[name]["latency_camera_ms_2t"] for name in PEER_FORMATS}
+    val = {name: formats[name]["val_map"] for name in PEER_FORMATS}
+    kept = [name for name in PEER_FORMATS if val[PEER_ORT] - val[name] <= tolerance]
+    chosen = min(kept, key=ms.get)
+    if chosen == PEER_INT8:
+        reason = "INT8 is deployed: faster than FP32, and within C's mAP target of it on val"
+    elif ms[PEER_INT8] >= ms[PEER_ORT]:
+        reason = "INT8 does not pay: it is slower than the FP32 file here"
+    else:
+        reason = "INT8 is faster, but loses more val mAP than C's target allows, so FP32 is deployed"
+    return chosen, reason
 
 
 def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float],
@@ -47,14 +57,14 @@ def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float
     benchmark run: the mAP gap (points, C minus peer) with its paired interval, the verdict it
     allows, the latency at camera rate, and how the peer's training compute compares with A's
     and B's. ``formats`` keeps both of the peer's files' figures, the one not chosen included."""
-    chosen = peer_format(records, val_maps)
+    formats = {name: {"val_map": val_maps[name], "map": records[name]["map"],
+                      "map_ci": records[name].get("map_ci"),
+                      "latency_camera_ms_2t": records[name]["latency_camera_ms_2t"]} for name in PEER_FORMATS}
+    chosen, _ = peer_format(formats)
     peer = records[chosen]
     interval = [100 * v for v in gap_interval(samples[C_INT8], samples[chosen])]
     verdict = ("C more accurate" if interval[0] > 0 else "the peer more accurate" if interval[1] < 0
                else "no difference shown")
-    formats = {name: {"val_map": val_maps[name], "map": records[name]["map"],
-                      "map_ci": records[name].get("map_ci"),
-                      "latency_camera_ms_2t": records[name]["latency_camera_ms_2t"]} for name in PEER_FORMATS}
     return {"format": chosen, "formats": formats, "chosen_on": "val",
             "map_gap": 100 * (c["map"] - peer["map"]), "map_gap_ci": interval, "verdict": verdict,
             "c_latency_camera_ms_2t": c["latency_camera_ms_2t"],
