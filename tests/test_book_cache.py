@@ -29,7 +29,8 @@ def tiny_book(root: Path) -> None:
         "print('answer', ANSWER + 1)\n```\n")
 
 
-def test_hash_covers_library_and_weights_and_a_change_clears_the_cache(tmp_path):
+def test_hash_covers_library_weights_and_data_folder_and_a_change_clears_the_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(edgefm_cache.DATA_ENV, raising=False)
     tiny_book(tmp_path)
     before = edgefm_cache.inputs_hash(tmp_path)
     (tmp_path / "weights").mkdir()
@@ -43,6 +44,9 @@ def test_hash_covers_library_and_weights_and_a_change_clears_the_cache(tmp_path)
     versions.write_text('{"a": 1}')
     assert edgefm_cache.inputs_hash(tmp_path) != with_weights  # package data is (a version bump)
     versions.unlink()
+    monkeypatch.setenv(edgefm_cache.DATA_ENV, "/my/coco")
+    assert edgefm_cache.inputs_hash(tmp_path) != with_weights  # another dataset: every chapter again
+    monkeypatch.delenv(edgefm_cache.DATA_ENV)
     cache = tmp_path / "cache"
     assert not edgefm_cache.refresh_cache(cache, with_weights)  # a first build: nothing to clear
     (cache / "outputs").write_text("old")

@@ -1,5 +1,6 @@
-"""A Sphinx extension: re-execute every chapter when the ``edgefm`` library or the shipped weights
-change, however the book is built (``make book``, ``jb build .``, the publishing workflow).
+"""A Sphinx extension: re-execute every chapter when the ``edgefm`` library, the shipped weights or
+the data folder (``EDGEFM_DATA``) change, however the book is built (``make book``, ``jb build .``,
+the publishing workflow).
 
 jupyter-cache keys a chapter's outputs by its code cells only, and Sphinx re-reads only the pages
 whose source changed; a chapter's outputs also depend on the library it imports and on the
@@ -10,20 +11,25 @@ stored beside the execution cache, it clears the cache and marks every page out 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
 HASH_FILE = "edgefm-library.hash"
+DATA_ENV = "EDGEFM_DATA"  # edgefm.config.DATA_ENV; the extension does not import the library
 
 
 def inputs_hash(root: Path) -> str:
     """SHA-256 (16 hex digits) of every file under ``src/edgefm`` (code and package data, such as
-    the stage versions) and ``weights/``; Python's bytecode caches do not count."""
+    the stage versions) and ``weights/``, and of the data folder a reader chose; Python's bytecode
+    caches do not count."""
     files = sorted(p for folder in (root / "src" / "edgefm", root / "weights") for p in folder.rglob("*")
                    if p.is_file() and "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    if os.environ.get(DATA_ENV):  # another dataset: every chapter's outputs change
+        digest.update(f"{DATA_ENV}={os.environ[DATA_ENV]}".encode())
     return digest.hexdigest()[:16]
 
 

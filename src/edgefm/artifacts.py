@@ -142,6 +142,7 @@ def config_hash(config: object) -> str:
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("edgefm.data.scenes",),
     "pennfudan": ("edgefm.data.pennfudan",),
+    "coco": ("edgefm.data.own",),
     "pretrain": ("edgefm.pretrain",),
     "finetune": ("edgefm.finetune",),
     "students": ("edgefm.compress.distill", "edgefm.compress.students"),

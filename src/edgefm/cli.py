@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgefm.config import DEVICES, PROFILES, load_profile
+from edgefm.config import DATA_ENV, DEVICES, PROFILES, load_profile
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -378,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default=None,
                         help=f"scale of every stage: {', '.join(PROFILES)} "
                         "(default: $EDGEFM_PROFILE, else 'default')")
+    parser.add_argument("--data", default=None, metavar="FOLDER",
+                        help="your own COCO data instead of the profile's dataset: a folder with "
+                        "instances.json and images/ (split by the library) or with train/, val/ and "
+                        f"eval/ each holding both (default: ${DATA_ENV})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="build (or find) the profile's dataset and print its splits")
@@ -524,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
+    if args.data:  # through the environment, so that the processes a command starts see it too
+        os.environ[DATA_ENV] = str(Path(args.data).expanduser().resolve())
     run: Callable[[argparse.Namespace], int | None] = args.run
     from edgefm.errors import InputError
 

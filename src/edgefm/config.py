@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from edgefm.errors import InputError
 
@@ -17,6 +18,7 @@ PROFILE_ENV = "EDGEFM_PROFILE"
 DOWNLOAD_ENV = "EDGEFM_DOWNLOAD"  # "1": code may fetch data and weights (needs a network)
 PROFILES = ("smoke", "default", "full")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # where a stage trains and evaluates; never in a key
+DATA_ENV = "EDGEFM_DATA"  # the folder of your own COCO data: it replaces every profile's dataset
 WEIGHTS_ENV = "EDGEFM_WEIGHTS"  # the folder of shipped results (default: weights/ in the book's root)
 
 
@@ -28,9 +30,10 @@ class UnknownProfileError(InputError, ValueError):
 class DataConfig:
     """How the Fashion-MNIST scenes dataset is composed (or which COCO dataset to use).
 
-    ``source`` is ``"fashion-scenes"`` (composed offline from Fashion-MNIST items) or
+    ``source`` is ``"fashion-scenes"`` (composed offline from Fashion-MNIST items),
     ``"pennfudan"`` (the Penn-Fudan pedestrians, converted to COCO format: ``val_scenes`` and
-    ``eval_scenes`` images held out, the other fields unused).
+    ``eval_scenes`` images held out, the other fields unused), or the folder of your own COCO
+    data (:mod:`edgefm.data.own`; set by ``--data`` or :data:`DATA_ENV`, held out the same way).
     """
 
     source: str = "fashion-scenes"
@@ -440,5 +443,11 @@ def profile_name(name: str | None = None) -> str:
 
 
 def load_profile(name: str | None = None) -> Profile:
-    """Build the :class:`Profile` for ``name`` (see :func:`profile_name` for the default)."""
-    return _BUILDERS[profile_name(name)]()
+    """Build the :class:`Profile` for ``name`` (see :func:`profile_name` for the default), on
+    the folder of COCO data in :data:`DATA_ENV` instead of its own dataset if that is set."""
+    profile = _BUILDERS[profile_name(name)]()
+    folder = os.environ.get(DATA_ENV)
+    if folder:
+        source = str(Path(folder).expanduser().resolve())
+        profile = replace(profile, data=replace(profile.data, source=source))
+    return profile

@@ -1,4 +1,4 @@
-"""Datasets: the Fashion-MNIST scenes, Penn-Fudan, and a loader for any COCO-format set.
+"""Datasets: the Fashion-MNIST scenes, Penn-Fudan, your own COCO data, and a COCO loader.
 
 :func:`ensure_dataset` is the data stage: it returns the profile's dataset, building it into the
 artifacts folder the first time (and whenever its config or code changes), and records its figures
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgefm.artifacts import ensure_dir, stage_dir, write_metrics
 from edgefm.config import DOWNLOAD_ENV, Profile, load_profile
-from edgefm.data import pennfudan, scenes
+from edgefm.data import own, pennfudan, scenes
 from edgefm.data.coco import CocoDetection, CocoSplit, DatasetError, collate, validate_coco
 from edgefm.data.fashion_mnist import CACHE_DIR
 from edgefm.data.transforms import Letterbox, detection_transforms
@@ -68,6 +68,32 @@ def _pennfudan(profile: Profile) -> DetectionDataset:
     return DetectionDataset(root, split("train"), split("eval"), split("val"))
 
 
+def _own(profile: Profile) -> DetectionDataset:
+    folder = Path(profile.data.source)
+    if not folder.is_dir():
+        raise DatasetError(f"unknown data source {profile.data.source!r}: neither one of "
+                           f"{', '.join(_BUILDERS)} nor a folder of COCO data")
+    own.check_layout(folder)
+    held_out = {"eval_count": profile.data.eval_scenes, "val_count": profile.data.val_scenes,
+                "seed": profile.data.seed}
+    presplit = own.is_presplit(folder)
+    key = {"source": str(folder), "annotations": own.fingerprint(folder), **({} if presplit else held_out)}
+    root = stage_dir(profile.name, "data", key, code="coco")
+
+    def build(work: Path) -> None:
+        splits = own.given_splits(folder) if presplit else own.split_coco(folder, work, **held_out)
+        own.link_pool(splits["train"], work)
+
+    ensure_dir(root, build, config=key)
+    if presplit:
+        splits = {s: CocoSplit(folder / s / "instances.json", folder / s / "images") for s in own.SPLITS}
+    else:
+        splits = {s: CocoSplit(root / s / "instances.json", folder / "images") for s in own.SPLITS
+                  if (root / s / "instances.json").is_file()}
+    pool = root / "pool" / "images"
+    return DetectionDataset(root, splits["train"], splits["eval"], splits.get("val"), pool)
+
+
 def dataset_metrics(dataset: DetectionDataset) -> dict:
     """The data stage's figures: counts of images, objects, classes and sizes per split."""
     train, evaluation = scenes.coco_summary(dataset.train.annotations), scenes.coco_summary(
@@ -89,11 +115,10 @@ _BUILDERS = {"fashion-scenes": _scenes, "pennfudan": _pennfudan}
 
 
 def ensure_dataset(profile: Profile | str | None = None) -> DetectionDataset:
-    """The profile's dataset, built if needed; writes ``metrics/data.json``."""
+    """The profile's dataset, built if needed; writes ``metrics/data.json``. A ``source`` that is
+    not a named dataset is the folder of your own COCO data (:mod:`edgefm.data.own`)."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    if profile.data.source not in _BUILDERS:
-        raise ValueError(f"unknown data source {profile.data.source!r}; valid: {', '.join(_BUILDERS)}")
-    dataset = _BUILDERS[profile.data.source](profile)
+    dataset = _BUILDERS.get(profile.data.source, _own)(profile)
     metrics = dataset_metrics(dataset)
     build_record = dataset.root / "build.json"
     if build_record.is_file():
