@@ -27,6 +27,22 @@ def _cmd_data(args: argparse.Namespace) -> None:
         print(f"  pool  {metrics['pool_images']:>6} images  {dataset.pool}")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from edgefm.plan import a_cost, stages
+
+    profile = load_profile(args.profile)
+    cost = a_cost(profile)
+    print(f"profile {profile.name}: model A has {cost['params'] / 1e6:.1f} M parameters and "
+          f"{cost['flops_per_image'] / 1e9:.2f} GFLOPs per image; one trained image of A takes "
+          f"{cost['cpu_seconds_per_image']:.2f} s on this machine's CPU (measured)")
+    print("stage          trained images   at most (A's cost)   settings")
+    for stage in stages(profile):
+        flops = 3 * cost["flops_per_image"] * stage.train_images
+        hours = cost["cpu_seconds_per_image"] * stage.train_images / 3600
+        budget = f"{flops / 1e15:7.2f} PFLOP, {hours:6.1f} CPU h" if stage.train_images else " " * 24
+        print(f"{stage.name:<14} {stage.train_images:>14,d}   {budget}   {stage.what}; {stage.settings}")
+
+
 def _cmd_validate(args: argparse.Namespace) -> None:
     from edgefm.data import validate_coco
     from edgefm.data.scenes import coco_summary
@@ -506,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the deployable bundle, one benchmark of every variant (cached)")
     compress.add_argument("--out", type=Path, default=None, help="also copy the bundle to this new folder")
     compress.set_defaults(run=_cmd_compress)
+
+    plan = commands.add_parser("plan", help="every stage of the profile, what sizes it and what it would "
+                               "cost at most (from model A's FLOPs and one timed step); downloads nothing")
+    plan.set_defaults(run=_cmd_plan)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")
     validate.add_argument("annotations", type=Path, help="the instances.json file")

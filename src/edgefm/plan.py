@@ -1,0 +1,122 @@
+"""What a profile will compute, before it computes anything: ``edgefm plan``.
+
+A reader about to run the ``full`` profile (ViT-B at 512 px) wants to know what each stage trains
+and roughly what it costs, without downloading the hub weights or building any data. The plan
+lists every stage with the settings that size it and the images it trains on; the cost is bounded
+by model A's: the detector is built with random weights (no download), its FLOPs per image are
+counted, one training step is timed on this machine's CPU, and every trained image is priced at
+A's cost. Students, the peer and MAE pretraining (a quarter of the tokens) cost less per image
+than A, so the estimate is an upper bound; a GPU divides it by the ratio of the two machines'
+throughputs, which the plan cannot know.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edgefm.bench import count_flops
+from edgefm.config import Profile
+from edgefm.finetune import build_detector
+from edgefm.models.centernet import EncodeTargets, centernet_loss
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage: what it does, the settings that size it, and the images its training sees."""
+
+    name: str
+    what: str
+    settings: str
+    train_images: int
+
+
+def _feasibility_images(profile: Profile) -> int:
+    from edgefm.feasibility import study_runs
+
+    return sum(r.config(profile).steps * r.config(profile).batch_size for r in study_runs(profile))
+
+
+def _smaller_images(profile: Profile) -> int:
+    cfg = profile.smaller
+    compare = cfg.compare.steps * cfg.compare.batch_size
+    arms = 3 * len(cfg.seeds) * compare  # labels, distillation, pool distillation
+    arms += len(cfg.seeds) * compare  # the control: A trained as long
+    arms += len(cfg.seeds) * cfg.compare_compute.steps * cfg.compare_compute.batch_size
+    others = len(cfg.students) * compare + len(cfg.long_students) * cfg.long.steps * cfg.long.batch_size
+    search = cfg.search.trials * compare
+    return arms + others + search + 2 * cfg.final.steps * cfg.final.batch_size  # B and its control
+
+
+def _steps(steps: int, batch: int) -> str:
+    return f"{steps:,d} steps x {batch}"
+
+
+def _data_settings(profile: Profile) -> str:
+    data = profile.data
+    if data.source == "fashion-scenes":
+        return (f"{data.train_scenes:,d} train / {data.val_scenes:,d} val / {data.eval_scenes:,d} eval "
+                f"scenes, {data.pool_images:,d} unlabelled")
+    return f"{data.source}: {data.val_scenes:,d} val and {data.eval_scenes:,d} eval images held out"
+
+
+def _pretrain_settings(profile: Profile) -> str:
+    pre = profile.pretrain
+    text = _steps(pre.steps, pre.batch_size) if pre.steps else "no pretraining"
+    if pre.weights:
+        local = pre.weights.startswith(("weights/", "/", "."))
+        text += f"; detectors start from {pre.weights}" + ("" if local else " (downloaded once from the hub)")
+    return text
+
+
+def stages(profile: Profile) -> list[PlannedStage]:
+    """Every stage of the profile, in the order the book runs them."""
+    pre, fine, q = profile.pretrain, profile.finetune, profile.quantize
+    sm, peer = profile.smaller, profile.peer
+    vit = f"ViT {pre.backbone.num_layers} x {pre.backbone.hidden_size} at {fine.detector.image_size} px"
+    shipped = "; long runs shipped in weights/ are used instead" if profile.shipped else ""
+    return [
+        PlannedStage("data", "the labelled splits and the unlabelled pool", _data_settings(profile), 0),
+        PlannedStage("pretrain", "masked-autoencoder pretraining on the pool", _pretrain_settings(profile),
+                     pre.steps * pre.batch_size),
+        PlannedStage("feasibility", "model A, its random-init twin, seeds, schedules, label fractions",
+                     f"{vit}; A: {_steps(fine.steps, fine.batch_size)}{shipped}",
+                     _feasibility_images(profile)),
+        PlannedStage("quantization", "INT8 recipes of A, QAT among them",
+                     f"QAT {_steps(q.qat.steps, q.qat.batch_size)}, {q.calibration_scenes} calibration",
+                     q.qat.steps * q.qat.batch_size),
+        PlannedStage("smaller", "model B: pruning, students with and without distillation, the search",
+                     f"{len(sm.seeds)} seeds, {sm.search.trials} search trials, "
+                     f"B {_steps(sm.final.steps, sm.final.batch_size)}", _smaller_images(profile)),
+        PlannedStage("peer", "SSDlite-MobileNetV3 from scratch, for comparison",
+                     _steps(peer.steps, peer.batch_size), peer.steps * peer.batch_size),
+        PlannedStage("deployment", "C = B in INT8, the bundle and the final benchmark",
+                     f"{q.bench.runs} timed runs per variant and thread count", 0),
+    ]
+
+
+def a_cost(profile: Profile, batch: int = 4) -> dict:
+    """Model A's FLOPs per image (forward) and the seconds one trained image takes on this
+    machine's CPU, from one timed training step of ``batch`` images (at most the recipe's) after
+    one untimed. A busy machine inflates the time: plan on an idle one."""
+    cfg = profile.finetune
+    batch = min(batch, cfg.batch_size)
+    model = build_detector(cfg.detector, profile.pretrain.backbone, num_classes=1)
+    flops = count_flops(model, cfg.detector.image_size)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size = cfg.detector.image_size
+    box = {"boxes": torch.tensor([[size / 4, size / 4, size / 2, size / 2]]), "labels": torch.tensor([0])}
+    images, targets = EncodeTargets(1, model.stride)([(torch.rand(3, size, size), box)] * batch)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        loss = centernet_loss(model(images), targets, model.stride)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return {"flops_per_image": flops, "params": sum(p.numel() for p in model.parameters()),
+            "cpu_seconds_per_image": seconds[-1] / batch}

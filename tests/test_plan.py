@@ -1,0 +1,41 @@
+"""``edgefm plan``: every stage with what sizes it and an upper bound on its cost, computing nothing."""
+
+import re
+
+from edgefm.artifacts import artifacts_root
+from edgefm.cli import main
+from edgefm.config import load_profile
+from edgefm.feasibility import study_runs
+from edgefm.plan import a_cost, stages
+
+STAGES = ["data", "pretrain", "feasibility", "quantization", "smaller", "peer", "deployment"]
+
+
+def test_the_plan_lists_every_stage_and_counts_what_each_trains():
+    profile = load_profile("smoke")
+    planned = {s.name: s for s in stages(profile)}
+    assert list(planned) == STAGES
+    assert planned["feasibility"].train_images == sum(
+        r.config(profile).steps * r.config(profile).batch_size for r in study_runs(profile))
+    assert planned["pretrain"].train_images == profile.pretrain.steps * profile.pretrain.batch_size
+    assert planned["peer"].train_images == profile.peer.steps * profile.peer.batch_size
+    smaller = profile.smaller
+    assert planned["smaller"].train_images > 2 * smaller.final.steps * smaller.final.batch_size
+    assert "vit-mae-base (downloaded once from the hub)" in {s.name: s for s in stages(load_profile("full"))}[
+        "pretrain"].settings
+
+
+def test_a_cost_counts_flops_and_times_a_training_step():
+    cost = a_cost(load_profile("smoke"))
+    assert cost["flops_per_image"] > 0 and cost["params"] > 0 and cost["cpu_seconds_per_image"] > 0
+
+
+def test_plan_for_the_full_profile_downloads_and_builds_nothing(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any attempt to reach the hub would fail
+    assert main(["--profile", "full", "plan"]) == 0
+    out = capsys.readouterr().out
+    params = float(re.search(r"A has ([0-9.]+) M parameters", out).group(1))
+    assert params > 86  # ViT-B's 86 M and the pyramid and head, counted on a randomly built copy
+    for name in STAGES:
+        assert any(line.startswith(name) for line in out.splitlines())
+    assert not (artifacts_root() / "full").exists()
