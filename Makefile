@@ -53,9 +53,12 @@ browser:
 apt-get-chromium:
 	$(call apt_install,chromium,the site test is skipped and make pdf fails)
 
+# Your own COCO data (EDGEFM_DATA=FOLDER make book), as an absolute path: chapters run in book/.
+DATA_ENV = $(if $(EDGEFM_DATA),EDGEFM_DATA=$(abspath $(EDGEFM_DATA)))
+
 # $(1): profile, $(2): extra jupyter-book flags
 define build_book
-	EDGEFM_PROFILE=$(1) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(1)) $(2)
+	$(DATA_ENV) EDGEFM_PROFILE=$(1) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(1)) $(2)
 endef
 
 book: setup
@@ -66,7 +69,7 @@ book-smoke: setup
 
 # The whole book as one PDF: a single-page HTML build printed by headless Chromium (works offline).
 pdf: setup browser
-	EDGEFM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(PROFILE)) \
+	$(DATA_ENV) EDGEFM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output $(call BUILD_ROOT,$(PROFILE)) \
 		--builder singlehtml
 	mkdir -p _build/pdf
 	# the single page is book/intro.html but its asset paths are relative to the build root

@@ -59,6 +59,8 @@ def isolated_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("EDGEFM_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.delenv("EDGEFM_PROFILE", raising=False)
     monkeypatch.delenv("EDGEFM_DOWNLOAD", raising=False)
+    # empty: no data folder; set (not deleted) so that one a command sets is removed after the test
+    monkeypatch.setenv("EDGEFM_DATA", "")
     return root
 
 

@@ -44,8 +44,13 @@ def test_hash_covers_library_weights_and_data_folder_and_a_change_clears_the_cac
     versions.write_text('{"a": 1}')
     assert edgefm_cache.inputs_hash(tmp_path) != with_weights  # package data is (a version bump)
     versions.unlink()
-    monkeypatch.setenv(edgefm_cache.DATA_ENV, "/my/coco")
-    assert edgefm_cache.inputs_hash(tmp_path) != with_weights  # another dataset: every chapter again
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "instances.json").write_text("{}")
+    monkeypatch.setenv(edgefm_cache.DATA_ENV, str(tmp_path / "coco"))
+    with_data = edgefm_cache.inputs_hash(tmp_path)
+    assert with_data != with_weights  # another dataset: every chapter again
+    (tmp_path / "coco" / "instances.json").write_text('{"images": []}')
+    assert edgefm_cache.inputs_hash(tmp_path) != with_data  # new labels too
     monkeypatch.delenv(edgefm_cache.DATA_ENV)
     cache = tmp_path / "cache"
     assert not edgefm_cache.refresh_cache(cache, with_weights)  # a first build: nothing to clear

@@ -1,14 +1,17 @@
 """Your own COCO data as a profile's dataset: split, validated, keyed by its labels, used by the CLI."""
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from edgefm.artifacts import config_hash, plain
 from edgefm.cli import main
-from edgefm.config import DATA_ENV, load_profile
+from edgefm.config import DATA_ENV, DataConfig, load_profile
 from edgefm.data import DatasetError, ensure_dataset
 from edgefm.data.own import held_out_counts
 
@@ -59,12 +62,16 @@ def test_one_annotation_file_is_split_by_a_seeded_draw_and_train_images_are_the_
     assert ensure_dataset(profile).root == dataset.root  # cached: the same draw
 
 
-def test_new_labels_make_new_splits_and_a_given_split_is_used_as_is(tmp_path, monkeypatch):
+def test_new_labels_make_new_keys_for_every_stage_and_a_given_split_is_used_as_is(tmp_path, monkeypatch):
+    assert "labels" not in plain(load_profile("smoke").data)  # the book's own data: keys as they were
     write_coco(tmp_path / "mine")
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
-    first = ensure_dataset("smoke").root
+    first, first_data = ensure_dataset("smoke").root, load_profile("smoke").data
     write_coco(tmp_path / "mine", seed=1)  # relabelled
     assert ensure_dataset("smoke").root != first
+    # every stage's key holds the data config, so A, the MAE run and the students are trained again
+    assert plain(load_profile("smoke").data)["labels"] != plain(first_data)["labels"]
+    assert config_hash(load_profile("smoke").data) != config_hash(first_data)
 
     for split, count in (("train", 12), ("val", 3), ("eval", 5)):
         write_coco(tmp_path / "presplit" / split, count=count)
@@ -72,6 +79,14 @@ def test_new_labels_make_new_splits_and_a_given_split_is_used_as_is(tmp_path, mo
     dataset = ensure_dataset("smoke")
     assert dataset.eval.annotations == (tmp_path / "presplit" / "eval" / "instances.json").resolve()
     assert [len(split_ids(s)) for s in (dataset.train, dataset.val, dataset.eval)] == [12, 3, 5]
+
+    coco = json.loads((tmp_path / "presplit" / "eval" / "instances.json").read_text())
+    coco["categories"].reverse()
+    for category, name in zip(coco["categories"], ("red", "blue"), strict=True):
+        category["name"] = name  # ids swapped: eval's "red" is train's "blue"
+    (tmp_path / "presplit" / "eval" / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=r"eval/instances\.json: its categories .* differ from train's"):
+        ensure_dataset("smoke")
 
 
 def test_held_out_counts_keep_most_labels_for_training():
@@ -83,12 +98,16 @@ def test_held_out_counts_keep_most_labels_for_training():
 
 def test_bad_folders_fail_naming_the_file_and_the_problem(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(DatasetError, match="nowhere.*nor a folder of COCO data"):
-        ensure_dataset("smoke")
+    with pytest.raises(DatasetError, match="nowhere: no such folder for your COCO data"):
+        load_profile("smoke")
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "empty"))
     with pytest.raises(DatasetError, match=r"missing .*instances\.json"):
-        ensure_dataset("smoke")
+        load_profile("smoke")
+    monkeypatch.setenv(DATA_ENV, "")
+    typo = replace(load_profile("smoke"), data=DataConfig(source=str(tmp_path / "nowhere")))  # in Python
+    with pytest.raises(DatasetError, match="nowhere.*nor a folder of COCO data"):
+        ensure_dataset(typo)
     coco = write_coco(tmp_path / "outside")
     coco["annotations"][3]["bbox"] = [60, 40, 20, 20]  # beyond the 64 x 48 image
     (tmp_path / "outside" / "instances.json").write_text(json.dumps(coco))
@@ -100,7 +119,7 @@ def test_bad_folders_fail_naming_the_file_and_the_problem(tmp_path, monkeypatch)
 def test_the_command_line_trains_on_your_folder(tmp_path, capsys):
     write_coco(tmp_path / "mine")
     assert main(["--profile", "smoke", "--data", str(tmp_path / "mine"), "data"]) == 0
-    assert "30" in capsys.readouterr().out
+    assert re.search(r"train +30 images", capsys.readouterr().out)
     assert main(["--profile", "smoke", "--data", str(tmp_path / "mine"), "train"]) == 0
     assert main(["--profile", "smoke", "--data", str(tmp_path / "nowhere"), "data"]) == 2
     assert "nowhere" in capsys.readouterr().err

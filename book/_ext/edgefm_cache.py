@@ -28,8 +28,11 @@ def inputs_hash(root: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    if os.environ.get(DATA_ENV):  # another dataset: every chapter's outputs change
-        digest.update(f"{DATA_ENV}={os.environ[DATA_ENV]}".encode())
+    if os.environ.get(DATA_ENV):  # another dataset, or new labels: every chapter's outputs change
+        folder = Path(os.environ[DATA_ENV]).expanduser().resolve()
+        digest.update(str(folder).encode() + b"\0")
+        for labels in sorted(folder.glob("instances.json")) + sorted(folder.glob("*/instances.json")):
+            digest.update(labels.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -123,12 +123,20 @@ def _code_only(path: Path) -> str:
     return ast.dump(tree)
 
 
+KEYED_WHEN_SET = "keyed_when_set"  # field metadata: the field is in keys only when not at its default
+
+
 def plain(config: object) -> object:
-    """A config as plain JSON-ready data: dataclasses (also inside dicts) become dicts."""
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
+    """A config as plain JSON-ready data: dataclasses (also inside dicts and tuples) become dicts.
+    A field marked :data:`KEYED_WHEN_SET` is left out while it has its default, so that adding
+    one keeps every existing key (and every shipped result's config) as it was."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if not (f.metadata.get(KEYED_WHEN_SET) and getattr(config, f.name) == f.default)}
     if isinstance(config, dict):
         return {key: plain(value) for key, value in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(plain(value) for value in config)
     return config
 
 

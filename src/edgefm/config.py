@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edgefm.artifacts import KEYED_WHEN_SET
 from edgefm.errors import InputError
 
 PROFILE_ENV = "EDGEFM_PROFILE"
@@ -47,6 +48,9 @@ class DataConfig:
     eval_scenes: int = 500
     pool_images: int = 20000
     jpeg_quality: int = 92
+    # your own data only: the content hash of its annotation files (set by load_profile), so that
+    # new labels retrain every stage built on them; keyed only when set
+    labels: str = field(default="", metadata={KEYED_WHEN_SET: True})
 
 
 @dataclass(frozen=True)
@@ -448,6 +452,10 @@ def load_profile(name: str | None = None) -> Profile:
     profile = _BUILDERS[profile_name(name)]()
     folder = os.environ.get(DATA_ENV)
     if folder:
-        source = str(Path(folder).expanduser().resolve())
-        profile = replace(profile, data=replace(profile.data, source=source))
+        from edgefm.data import own
+
+        source = Path(folder).expanduser().resolve()
+        own.check_layout(source)
+        data = replace(profile.data, source=str(source), labels=own.fingerprint(source))
+        profile = replace(profile, data=data)
     return profile

@@ -88,10 +88,15 @@ def split_coco(folder: Path, out: Path, eval_count: int, val_count: int, seed: i
 
 
 def given_splits(folder: Path) -> dict[str, CocoSplit]:
-    """A pre-split folder's splits, each validated."""
+    """A pre-split folder's splits, each validated, with the same categories in each: a class
+    numbered differently in eval than in train would be scored as another class."""
     splits = {s: CocoSplit(Path(folder) / s / "instances.json", Path(folder) / s / "images") for s in SPLITS}
-    for split in splits.values():
-        validate_coco(split.annotations, split.images)
+    categories = {name: sorted((c["id"], c["name"]) for c in validate_coco(split.annotations, split.images)[
+        "categories"]) for name, split in splits.items()}
+    for name in ("val", "eval"):
+        if categories[name] != categories["train"]:
+            raise DatasetError(f"{splits[name].annotations}: its categories (id, name) {categories[name]} "
+                               f"differ from train's {categories['train']}")
     return splits
 
 
