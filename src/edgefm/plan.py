@@ -21,6 +21,7 @@ from edgefm.bench import count_flops
 from edgefm.config import Profile
 from edgefm.finetune import build_detector
 from edgefm.models.centernet import EncodeTargets, centernet_loss
+from edgefm.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,35 @@ class PlannedStage:
 
 
 def _feasibility_images(profile: Profile) -> int:
-    from edgefm.feasibility import study_runs
+    """The study's runs (shipped ones included: the bound assumes nothing is shipped) and the
+    live re-traces every build trains."""
+    from edgefm.feasibility import live_runs, study_runs
 
-    return sum(r.config(profile).steps * r.config(profile).batch_size for r in study_runs(profile))
+    runs = study_runs(profile)
+    retraces = len(live_runs(profile)) * profile.retrace_steps * profile.finetune.batch_size
+    return sum(r.config(profile).steps * r.config(profile).batch_size for r in runs) + retraces
 
 
 def _smaller_images(profile: Profile) -> int:
+    """Every candidate :mod:`edgefm.smaller` trains, and the re-traces of its shipped long runs."""
+    from edgefm.smaller import RETRACE_STEPS
+
     cfg = profile.smaller
     compare = cfg.compare.steps * cfg.compare.batch_size
+    pruning = len(cfg.pruning_ratios) * compare
     arms = 3 * len(cfg.seeds) * compare  # labels, distillation, pool distillation
     arms += len(cfg.seeds) * compare  # the control: A trained as long
     arms += len(cfg.seeds) * cfg.compare_compute.steps * cfg.compare_compute.batch_size
     others = len(cfg.students) * compare + len(cfg.long_students) * cfg.long.steps * cfg.long.batch_size
     search = cfg.search.trials * compare
-    return arms + others + search + 2 * cfg.final.steps * cfg.final.batch_size  # B and its control
+    final = 2 * cfg.final.steps * cfg.final.batch_size  # B and its control
+    long_runs = 2 + len(cfg.long_students)
+    retraces = long_runs * RETRACE_STEPS * max(cfg.final.batch_size, cfg.long.batch_size)
+    return pruning + arms + others + search + final + retraces
+
+
+def _qat_images(profile: Profile) -> int:
+    return profile.quantize.qat.steps * profile.quantize.qat.batch_size
 
 
 def _steps(steps: int, batch: int) -> str:
@@ -59,7 +75,8 @@ def _data_settings(profile: Profile) -> str:
     if data.source == "fashion-scenes":
         return (f"{data.train_scenes:,d} train / {data.val_scenes:,d} val / {data.eval_scenes:,d} eval "
                 f"scenes, {data.pool_images:,d} unlabelled")
-    return f"{data.source}: {data.val_scenes:,d} val and {data.eval_scenes:,d} eval images held out"
+    return (f"{data.source}: its own splits, or {data.val_scenes:,d} val and {data.eval_scenes:,d} eval "
+            "images held out")
 
 
 def _pretrain_settings(profile: Profile) -> str:
@@ -85,15 +102,17 @@ def stages(profile: Profile) -> list[PlannedStage]:
                      f"{vit}; A: {_steps(fine.steps, fine.batch_size)}{shipped}",
                      _feasibility_images(profile)),
         PlannedStage("quantization", "INT8 recipes of A, QAT among them",
-                     f"QAT {_steps(q.qat.steps, q.qat.batch_size)}, {q.calibration_scenes} calibration",
-                     q.qat.steps * q.qat.batch_size),
+                     f"QAT and its FP32 control, {_steps(q.qat.steps, q.qat.batch_size)} each",
+                     2 * _qat_images(profile)),
         PlannedStage("smaller", "model B: pruning, students with and without distillation, the search",
                      f"{len(sm.seeds)} seeds, {sm.search.trials} search trials, "
                      f"B {_steps(sm.final.steps, sm.final.batch_size)}", _smaller_images(profile)),
         PlannedStage("peer", "SSDlite-MobileNetV3 from scratch, for comparison",
-                     _steps(peer.steps, peer.batch_size), peer.steps * peer.batch_size),
+                     _steps(peer.steps, peer.batch_size),
+                     (peer.steps + PEER_RETRACE_STEPS) * peer.batch_size),
         PlannedStage("deployment", "C = B in INT8, the bundle and the final benchmark",
-                     f"{q.bench.runs} timed runs per variant and thread count", 0),
+                     f"QAT of B if QAT is A's best recipe; {q.bench.runs} timed runs per variant and thread "
+                     "count", _qat_images(profile)),
     ]
 
 
