@@ -126,7 +126,7 @@ def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
     level = pretraining_summary(metrics)
     assert level["paid"] is False
     assert "are level" in level["text"] and "head start, not a better end point" in level["text"]
-    assert "beats a random one at 3 % (+1.0)" in level["text"] and "level at 30 % (-1.0)" in level["text"]
+    assert "beats a random one at 3 % (+1.0);" in level["text"] and "level at 30 % (-1.0)" in level["text"]
     assert "at most 0.210 mAP" in level["text"]
 
     metrics["mae_vs_random"][-1] = {"fraction": 1.0, **_gap(0.05, 0.02)}

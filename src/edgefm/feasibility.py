@@ -248,6 +248,10 @@ def gap_verdict(gap: dict, first: str, second: str) -> str:
     return f"{first} beats {second}" if gap["gap"] > 0 else f"{second} beats {first}"
 
 
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def pretraining_summary(metrics: dict) -> dict:
     """What MAE pretraining bought in this study, in the words every chapter uses: the verdict with
     all the labels at the end of A's schedule and over its re-traced start (a head start is not a
@@ -275,7 +279,7 @@ def pretraining_summary(metrics: dict) -> dict:
         said = {"mae": "the MAE encoder beats a random one at", "level": "the two are level at",
                 "random": "a random encoder beats the MAE one at"}
         best = max(p["map"] for p in metrics["label_efficiency"] if p["fraction"] in gaps)
-        text += (". With fewer labels, " + "; ".join(f"{said[side]} {', '.join(at)}"
+        text += (". With fewer labels, " + "; ".join(f"{said[side]} {_listed(at)}"
                                                   for side, at in outcomes.items() if at)
                  + f", where the better detector reaches at most {best:.3f} mAP")
     paid = None if full is None else bool(full["significant"] and full["gap"] > 0)
