@@ -71,3 +71,16 @@ def test_pyproject_declares_every_third_party_import_of_the_library():
     third_party = {names.get(m, m).lower() for m in imported
                    if m not in sys.stdlib_module_names and m not in ("edgefm", "__future__")}
     assert third_party <= declared, f"not declared in pyproject.toml: {sorted(third_party - declared)}"
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_searches_students_of_its_own_model(name):
+    """The search space, the arm and the MAE students are sized from the profile's A, not the
+    default's: at most A's depth and input size, and not below half of its input."""
+    profile = load_profile(name)
+    depth, size = profile.pretrain.backbone.num_layers, profile.finetune.detector.image_size
+    smaller = profile.smaller
+    assert all(size / 2 <= s <= size for s in smaller.search.image_sizes), smaller.search.image_sizes
+    assert all(1 <= d <= depth for d in smaller.search.depths), smaller.search.depths
+    for student in (smaller.arm, smaller.search_start, *smaller.long_students):
+        assert student.depth <= depth and student.image_size <= size, student

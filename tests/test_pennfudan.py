@@ -54,7 +54,7 @@ def test_convert_without_val_and_with_too_few_images(tmp_path):
         convert(root, tmp_path / "again", eval_count=2, val_count=2)
 
 
-def test_the_full_profile_holds_out_val_and_eval_as_its_data_config_says(tmp_path, monkeypatch):
+def test_the_full_profile_holds_out_val_and_eval_and_pools_the_train_photos(tmp_path, monkeypatch):
     from edgefm.config import load_profile
     from edgefm.data import PENNFUDAN_ENV, ensure_dataset
 
@@ -64,3 +64,6 @@ def test_the_full_profile_holds_out_val_and_eval_as_its_data_config_says(tmp_pat
     dataset = ensure_dataset(profile)
     sizes = [len(CocoDetection(split)) for split in (dataset.train, dataset.val, dataset.eval)]
     assert sizes == [5, profile.data.val_scenes, profile.data.eval_scenes]
+    train_files = sorted(r["file_name"] for r in json.loads(dataset.train.annotations.read_text())["images"])
+    pooled = sorted(p.resolve().name for p in dataset.pool.iterdir())
+    assert pooled == train_files  # what pretraining and pool distillation read: no val or eval photo

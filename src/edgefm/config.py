@@ -428,8 +428,15 @@ def _full() -> Profile:
                                                        scales=(4.0, 2.0, 1.0, 0.5)),
                               batch_size=16, steps=3000, lr=2e-4, eval_every=500)
     data = DataConfig(source="pennfudan", image_size=512, val_scenes=20, eval_scenes=50)
-    return Profile(name="full", data=data, pretrain=pretrain,
-                   finetune=finetune)
+    # students sized from ViT-B as the default's are from its 6-block ViT: half the blocks for the
+    # arm, a search over a third to two thirds of them, inputs from three quarters of A's up
+    default = SmallerConfig()
+    smaller = replace(
+        default, arm=replace(default.arm, depth=6),
+        long_students=tuple(replace(s, depth=6) for s in default.long_students),
+        search=replace(default.search, depths=(4, 6, 8), image_sizes=(384, 448, 512)),
+        search_start=replace(default.search_start, depth=6))
+    return Profile(name="full", data=data, pretrain=pretrain, finetune=finetune, smaller=smaller)
 
 
 _BUILDERS = {"smoke": _smoke, "default": _default, "full": _full}

@@ -60,12 +60,14 @@ def _pennfudan(profile: Profile) -> DetectionDataset:
         source = pennfudan.download(source.parent)
     held_out = {"eval_count": profile.data.eval_scenes, "val_count": profile.data.val_scenes}
     root = stage_dir(profile.name, "data", {"source": str(source), **held_out}, code="pennfudan")
-    ensure_dir(root, lambda tmp: pennfudan.convert(source, tmp, **held_out))
+    # the train photos, without their labels, are the pool (pretraining, pool distillation)
+    ensure_dir(root, lambda tmp: own.link_pool(pennfudan.convert(source, tmp, **held_out)["train"], tmp))
 
     def split(name: str) -> CocoSplit:
         return CocoSplit(root / name / "instances.json", source / "PNGImages")
 
-    return DetectionDataset(root, split("train"), split("eval"), split("val"))
+    val = split("val") if held_out["val_count"] else None
+    return DetectionDataset(root, split("train"), split("eval"), val, root / "pool" / "images")
 
 
 def _own(profile: Profile) -> DetectionDataset:
