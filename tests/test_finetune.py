@@ -88,6 +88,10 @@ def test_feasibility_writes_every_required_figure(fashion_dir):
     assert metrics["converged"] in (True, False) and metrics["missing"] == []
     assert [len(r["val_curve"]) for r in metrics["retrace"]["seeds"]] == [1, 1, 1]
     assert {g["fraction"] for g in metrics["mae_vs_random"]} == {0.3, 1.0}
+    paired = metrics["mae_vs_random_paired"]  # A and its twin on the same resamplings
+    assert paired["gap"] == pytest.approx(metrics["a"]["map"] - metrics["random"]["map"])
+    low, high = paired["ci"]
+    assert low <= high and paired["significant"] == (low > 0 or high < 0)
 
 
 def test_a_shipped_detector_is_used_only_with_its_exact_config(fashion_dir, tmp_path, capsys):
@@ -129,7 +133,16 @@ def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
     assert "beats a random one at 3 % (+1.0);" in level["text"] and "level at 30 % (-1.0)" in level["text"]
     assert "at most 0.210 mAP" in level["text"]
 
+    # the same gap, paired: the interval leaves out zero, so the random encoder is shown to be better
+    metrics["mae_vs_random_paired"] = {"gap": -0.013, "ci": [-0.025, -0.002], "significant": True}
+    paired = pretraining_summary(metrics)
+    assert paired["paid"] is False and "a random one beats the MAE encoder (-1.3 points" in paired["text"]
+    assert "paired 95 % interval -2.5 to -0.2; the two intervals side by side: a margin of 2.2" in (
+        paired["text"])
+    assert "With fewer labels, judged by the intervals side by side" in paired["text"]
+
     metrics["mae_vs_random"][-1] = {"fraction": 1.0, **_gap(0.05, 0.02)}
+    metrics["mae_vs_random_paired"] = {"gap": 0.05, "ci": [0.03, 0.07], "significant": True}
     paid = pretraining_summary(metrics)
     assert paid["paid"] is True and "head start" not in paid["text"]
 
