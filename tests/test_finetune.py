@@ -130,15 +130,17 @@ def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
     level = pretraining_summary(metrics)
     assert level["paid"] is False
     assert "are level" in level["text"] and "head start, not a better end point" in level["text"]
-    assert "beats a random one at 3 % (+1.0);" in level["text"] and "level at 30 % (-1.0)" in level["text"]
+    assert "beats a random encoder at 3 % (+1.0);" in level["text"]
+    assert "level at 30 % (-1.0)" in level["text"]
     assert "at most 0.210 mAP" in level["text"]
 
     # the same gap, paired: the interval leaves out zero, so the random encoder is shown to be better
     metrics["mae_vs_random_paired"] = {"gap": -0.013, "ci": [-0.025, -0.002], "significant": True}
     paired = pretraining_summary(metrics)
-    assert paired["paid"] is False and "a random one beats the MAE encoder (-1.3 points" in paired["text"]
-    assert "paired 95 % interval -2.5 to -0.2; the two intervals side by side: a margin of 2.2" in (
+    assert paired["paid"] is False and "a random encoder beats the MAE encoder (-1.3 points" in paired["text"]
+    assert "interval -2.5 to -0.2; side by side, the gap is within the two intervals' margin of 2.2)" in (
         paired["text"])
+    assert "a head start and a worse end point" in paired["text"]
     assert "With fewer labels, judged by the intervals side by side" in paired["text"]
 
     metrics["mae_vs_random"][-1] = {"fraction": 1.0, **_gap(0.05, 0.02)}

@@ -52,7 +52,8 @@ def vit_b_profile(tmp_path, monkeypatch):
     mae = tmp_path / "vit-mae-base"
     ViTMAEForPreTraining(ViTMAEConfig(**VIT_MAE_BASE)).save_pretrained(mae)
     monkeypatch.setenv("EDGEFM_PENNFUDAN", str(pedestrians(tmp_path / "PennFudanPed")))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the network (read at import,
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # so set where it is kept)
     full = load_profile("full")
     return replace(full, data=replace(full.data, val_scenes=1, eval_scenes=1),
                    pretrain=replace(full.pretrain, weights=str(mae)),

@@ -276,7 +276,7 @@ def pretraining_summary(metrics: dict) -> dict:
     intervals side by side (all a record allows at the other fractions) are shown too. ``paid``:
     the MAE encoder beat the random one with all the labels (None when the twin is missing)."""
     def judged(gap: dict) -> str:
-        return (f"{gap_verdict(gap, 'the MAE encoder', 'a random one')} ({100 * gap['gap']:+.1f} points "
+        return (f"{gap_verdict(gap, 'the MAE encoder', 'a random encoder')} ({100 * gap['gap']:+.1f} points "
                 f"of mAP, against a margin of {100 * gap['margin']:.1f})")
 
     gaps = {g["fraction"]: g for g in metrics["mae_vs_random"]}
@@ -290,21 +290,28 @@ def pretraining_summary(metrics: dict) -> dict:
         if paired is not None:
             end = paired
             low, high = (100 * v for v in paired["ci"])
-            verdict = gap_verdict(paired, "the MAE encoder", "a random one").replace(
+            verdict = gap_verdict(paired, "the MAE encoder", "a random encoder").replace(
                 "the gap is within the intervals", "the paired interval holds zero")
+            margin = 100 * full["margin"]
+            if full["significant"] == paired["significant"]:
+                aside = f"side by side, the two intervals agree, with a margin of {margin:.1f}"
+            elif paired["significant"]:
+                aside = f"side by side, the gap is within the two intervals' margin of {margin:.1f}"
+            else:
+                aside = f"side by side, the gap exceeds their margin of {margin:.1f}"
             text = (f"With all the labels at the end of A's schedule, {verdict} ({100 * paired['gap']:+.1f} "
-                    f"points of mAP, paired 95 % interval {low:+.1f} to {high:+.1f}; the two intervals "
-                    f"side by side: a margin of {100 * full['margin']:.1f}); {early}")
+                    f"points of mAP, paired 95 % interval {low:+.1f} to {high:+.1f}; {aside}); {early}")
         else:
             text = f"With all the labels at the end of A's schedule, {judged(full)}; {early}"
         if start["significant"] and start["gap"] > 0 and not (end["significant"] and end["gap"] > 0):
-            text += ": pretraining gave a head start, not a better end point"
+            text += (": pretraining gave a head start and a worse end point" if end["significant"]
+                     else ": pretraining gave a head start, not a better end point")
     if gaps:
         outcomes = {"mae": [], "level": [], "random": []}
         for fraction, g in sorted(gaps.items()):
             side = "level" if not g["significant"] else "mae" if g["gap"] > 0 else "random"
             outcomes[side].append(f"{100 * fraction:g} % ({100 * g['gap']:+.1f})")
-        said = {"mae": "the MAE encoder beats a random one at", "level": "the two are level at",
+        said = {"mae": "the MAE encoder beats a random encoder at", "level": "the two are level at",
                 "random": "a random encoder beats the MAE one at"}
         best = max(p["map"] for p in metrics["label_efficiency"] if p["fraction"] in gaps)
         text += (". With fewer labels, judged by the intervals side by side, "

@@ -121,6 +121,9 @@ def ensure_dataset(profile: Profile | str | None = None) -> DetectionDataset:
     not a named dataset is the folder of your own COCO data (:mod:`edgefm.data.own`)."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     dataset = _BUILDERS.get(profile.data.source, _own)(profile)
+    if dataset.val is None:  # every choice the book makes (schedules, recipes, students) is made on val
+        raise DatasetError(f"{dataset.root}: no val split; the stages choose on val, so hold some images "
+                           f"out for it (profile {profile.name!r} has val_scenes={profile.data.val_scenes})")
     metrics = dataset_metrics(dataset)
     build_record = dataset.root / "build.json"
     if build_record.is_file():

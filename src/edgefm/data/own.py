@@ -7,7 +7,9 @@ most of their labels for training). A folder with ``train/``, ``val/`` and ``eva
 an ``instances.json`` and an ``images/`` folder, is used as split. Every annotation file is
 validated (:func:`~edgefm.data.coco.validate_coco`) before anything trains on it, so a malformed
 file or a box outside its image fails here, naming the file. The train images, without their
-labels, are also the unlabelled pool that pretraining and pool distillation read.
+labels, are also the unlabelled pool that pretraining and pool distillation read: there, pool
+distillation adds A's pseudo-labels on images that already have labels (self-training), not new
+images, unlike the book's 20,000-image pool.
 """
 
 from __future__ import annotations
