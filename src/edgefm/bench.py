@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgefm.config import BenchConfig
 from edgefm.export import fixed_batch, onnx_size, op_counts
 from edgefm.isa import cpu, isa
+from edgefm.report import A_TORCH
 from edgefm.runtime import LEVELS, onnx_runner, open_session
 
 LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
@@ -89,7 +90,7 @@ class Variant:
             return path.stat().st_size
 
 
-def module_variant(module: torch.nn.Module, image_size: int, name: str = "A (PyTorch FP32)") -> Variant:
+def module_variant(module: torch.nn.Module, image_size: int, name: str = A_TORCH) -> Variant:
     """A PyTorch model as a variant, its FLOPs and parameters counted (by default, model A)."""
     return Variant(name, module=module, flops=count_flops(module, image_size),
                    params=sum(p.numel() for p in module.parameters()))

@@ -58,8 +58,12 @@ from edgefm.quantization import ensure_quantization
 from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 from edgefm.report import (
     A_ORT,
+    A_TORCH,
     B_ORT,
+    B_TORCH,
     C_INT8,
+    C_SPINNING,
+    C_STOPPED,
     PAIRED,
     PEER_FORMATS,
     PEER_INT8,
@@ -153,8 +157,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     peer_int8 = quantize_like_a(PeerNetwork(peer_model), peer_recipe, study, work, dataset.train, profile,
                                 progress, name="peer")
 
-    a = module_variant(model_a, size)
-    b_variant = module_variant(b, size, "B (PyTorch FP32)")
+    a = module_variant(model_a, size, A_TORCH)
+    b_variant = module_variant(b, size, B_TORCH)
     peer_variant = Variant(PEER_ORT, onnx=Path(peer["folder"]) / PEER_ONNX, flops=peer["flops"],
                            params=peer["params"])
     study_file = lambda name: Path(study["folder"]) / study["files"][name]  # noqa: E731
@@ -184,9 +188,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                            for name in (B_ORT, C_INT8)}
     report = targets_report(a_record, c_record, results["map_drop_ci"])
     # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
-    alone = [a, Variant("C, threads stopped after each run", onnx=bundle / MODEL_FILE, precision="int8"),
-             DeployedVariant("C, threads spinning (ONNX Runtime's default)", onnx=bundle / MODEL_FILE,
-                             precision="int8")]
+    alone = [a, Variant(C_STOPPED, onnx=bundle / MODEL_FILE, precision="int8"),
+             DeployedVariant(C_SPINNING, onnx=bundle / MODEL_FILE, precision="int8")]
     bench = profile.quantize.bench
     results["alone"] = {f"{t}t": {v.name: timed_alone(v, size, t, bench) for v in alone}
                         for t in bench.threads}

@@ -12,8 +12,11 @@ from __future__ import annotations
 from edgefm.evaluate import gap_interval
 from edgefm.targets import TARGETS, Check
 
-A_TORCH, A_ORT, B_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)", "B (ONNX Runtime FP32)"
+A_TORCH, A_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)"
+B_TORCH, B_ORT = "B (PyTorch FP32)", "B (ONNX Runtime FP32)"
 C_INT8 = "C (ONNX INT8)"
+# C timed on its own, as the benchmark runs it and as a device runs it (threads spinning between frames)
+C_STOPPED, C_SPINNING = "C, threads stopped after each run", "C, threads spinning (ONNX Runtime's default)"
 PEER_ORT, PEER_INT8 = "Peer (ONNX Runtime FP32)", "Peer (ONNX INT8)"
 PEER_FORMATS = (PEER_ORT, PEER_INT8)  # the peer's files a practitioner could deploy
 PAIRED = (A_TORCH, C_INT8, *PEER_FORMATS)  # whose mAPs carry intervals and paired gaps
