@@ -33,7 +33,7 @@ define apt_install
 endef
 
 # The offline dataset's raw files come from Debian; elsewhere the library's error says what to do.
-# qemu-user emulates an AVX2-only CPU, on which INT8 models are checked (edgefm.isa).
+# qemu-user emulates an AVX2-only CPU, on which INT8 models are checked (edgefm.tools.isa).
 system-deps:
 	@[ -n "$$EDGEFM_FASHION_MNIST" ] || [ -d $(FASHION_MNIST_DIR) ] || [ "$$EDGEFM_DOWNLOAD" = 1 ] || \
 		$(MAKE) --no-print-directory apt-get-fashion-mnist

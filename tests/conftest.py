@@ -13,7 +13,7 @@ import torch
 def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int, run) -> None:
     """Call ``run()`` with the training loop's ``save_checkpoint`` raising KeyboardInterrupt right
     after it writes the checkpoint of ``step`` (a run killed there), then restore the real one."""
-    from edgefm import training as module
+    from edgefm.tools import training as module
 
     real_save = module.save_checkpoint
 

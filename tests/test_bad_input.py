@@ -16,8 +16,8 @@ from edgefm.cli import main
 from edgefm.data.coco import validate_coco
 from edgefm.data.scenes import coco_summary
 from edgefm.errors import DatasetError, InputError
-from edgefm.evaluate import coco_evaluate
-from edgefm.images import read_image
+from edgefm.runtime.images import read_image
+from edgefm.tools.evaluate import coco_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgefm.bench import (
+from edgefm.cli import main
+from edgefm.config import BenchConfig
+from edgefm.stages.measuring import block_flops, detector_blocks
+from edgefm.tools.bench import (
     Variant,
     benchmark,
     block_times,
@@ -17,10 +20,7 @@ from edgefm.bench import (
     operator_profile,
     peak_memory,
 )
-from edgefm.cli import main
-from edgefm.config import BenchConfig
-from edgefm.export import export_onnx
-from edgefm.measuring import block_flops, detector_blocks
+from edgefm.tools.export import export_onnx
 from test_detector import tiny_detector
 
 FIELDS = {"name", "format", "precision", "map", "map50", "latency_ms_1t", "latency_ms_2t",

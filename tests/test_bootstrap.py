@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from edgefm.evaluate import bootstrap_map, coco_evaluate, interval_gap, weighted_map
+from edgefm.tools.evaluate import bootstrap_map, coco_evaluate, interval_gap, weighted_map
 
 
 def synthetic(tmp_path, copies: dict[int, int] | None = None, images: int = 12, seed: int = 0):

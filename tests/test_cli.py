@@ -86,7 +86,7 @@ def test_a_profile_can_start_from_shipped_weights(fashion_dir, isolated_artifact
     from dataclasses import replace
 
     from edgefm.config import load_profile
-    from edgefm.pretrain import ensure_pretrained
+    from edgefm.stages.pretrain import ensure_pretrained
 
     out = tmp_path / "shipped"
     assert main(["--profile", "smoke", "pretrain", "--steps", "3", "--export", str(out)]) == 0

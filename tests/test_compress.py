@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from conftest import kill_after_checkpoint
-from edgefm.compress.distill import Distiller, heatmap_distillation, train_student
-from edgefm.compress.prune import keep_blocks, prune_detector, spread_blocks, widths
-from edgefm.compress.students import TimmBackbone, build_student, mobile_scales
 from edgefm.config import BackboneConfig, DetectorConfig, DistillWeights, StudentConfig, StudentTraining
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
-from edgefm.export import export_onnx
 from edgefm.models.detector import Detector
 from edgefm.models.vit import ViTBackbone, build_vit
 from edgefm.runtime import onnx_runner, open_session
+from edgefm.tools.distill import Distiller, heatmap_distillation, train_student
+from edgefm.tools.export import export_onnx
+from edgefm.tools.prune import keep_blocks, prune_detector, spread_blocks, widths
+from edgefm.tools.students import TimmBackbone, build_student, mobile_scales
 from test_detector import tiny_detector
 
 

@@ -13,19 +13,19 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from edgefm import deploy, isa
 from edgefm.artifacts import read_metrics
-from edgefm.bundle import b_description, copy_bundle, write_bundle
 from edgefm.config import DetectorConfig
 from edgefm.data.transforms import Letterbox
-from edgefm.deploy import choose_recipe, compress
 from edgefm.errors import BundleError, ImageError, InputError
-from edgefm.evaluate import detection_agreement
-from edgefm.export import export_onnx
-from edgefm.finetune import torch_runner
-from edgefm.images import letterbox, read_image
 from edgefm.report import PEER_INT8, PEER_ORT, peer_format
 from edgefm.runtime import BUNDLE_FILE, EdgeDetector, detect
+from edgefm.runtime.images import letterbox, read_image
+from edgefm.stages import deploy
+from edgefm.stages.deploy import choose_recipe, compress
+from edgefm.tools import isa
+from edgefm.tools.bundle import b_description, copy_bundle, write_bundle
+from edgefm.tools.evaluate import detection_agreement, torch_runner
+from edgefm.tools.export import export_onnx
 from test_detector import tiny_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,8 +276,8 @@ def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_di
 
     from edgefm.config import load_profile
     from edgefm.data import ensure_dataset
-    from edgefm.export import op_counts
-    from edgefm.quantization import RECIPES
+    from edgefm.stages.quantization import RECIPES
+    from edgefm.tools.export import op_counts
 
     profile = load_profile("smoke")
     study = {"recipes": [asdict(r) for r in RECIPES]}

@@ -12,11 +12,11 @@ from pycocotools.cocoeval import COCOeval
 
 from edgefm.config import BackboneConfig
 from edgefm.data import CocoDetection, CocoSplit, collate, detection_transforms
-from edgefm.decode import decode
-from edgefm.evaluate import coco_evaluate, to_coco_results
 from edgefm.models import ViTBackbone, build_vit
 from edgefm.models.centernet import EncodeTargets, cell_centres, centernet_loss, centernet_targets, focal_loss
 from edgefm.models.detector import Detector
+from edgefm.runtime.decode import decode
+from edgefm.tools.evaluate import coco_evaluate, to_coco_results
 
 
 def tiny_detector(num_classes=3, image_size=64, seed=0):

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgefm import isa
 from edgefm.data.coco import CocoSplit
-from edgefm.decode import decode
-from edgefm.export import export_onnx, fuse_transformer, node_scopes, onnx_files, onnx_size
-from edgefm.quantization import layer_groups
-from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize, selected_nodes
 from edgefm.runtime import OnnxModelError, onnx_runner, open_session
+from edgefm.runtime.decode import decode
+from edgefm.stages.quantization import layer_groups
+from edgefm.tools import isa
+from edgefm.tools.export import export_onnx, fuse_transformer, node_scopes, onnx_files, onnx_size
+from edgefm.tools.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize, selected_nodes
 from test_detector import tiny_detector
 
 
@@ -105,7 +105,7 @@ def test_quantized_model_is_smaller_loads_and_decodes(exported, calibration, rec
 
 def test_entropy_calibration_searches_a_finer_histogram_than_minmax(exported, calibration, tmp_path):
     """With ORT's default 128 bins for 128 levels, Entropy would return MinMax's ranges exactly."""
-    from edgefm.quantization import activation_scales
+    from edgefm.stages.quantization import activation_scales
 
     _, path, prepared = exported
     scales = {}
@@ -164,8 +164,15 @@ def test_qat_learns_exports_to_qdq_and_matches_in_onnx_runtime(fashion_dir, tmp_
     from edgefm.data import ensure_dataset
     from edgefm.data.coco import CocoDetection
     from edgefm.data.transforms import detection_transforms
-    from edgefm.export import op_counts
-    from edgefm.qat import FakeQuant, Rounding, fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+    from edgefm.tools.export import op_counts
+    from edgefm.tools.qat import (
+        FakeQuant,
+        Rounding,
+        fold_weight_quantizers,
+        freeze,
+        prepare_qat,
+        qat_finetune,
+    )
 
     model = prepare_qat(tiny_detector(num_classes=10))
     wrapped = [m for m in model.modules() if isinstance(m, FakeQuant)]
@@ -204,7 +211,7 @@ def test_qat_weights_cannot_saturate_the_16_bit_pair_sums_of_cpus_without_vnni(t
     import onnx
     from onnx import numpy_helper
 
-    from edgefm.qat import WEIGHT_LEVELS, fold_weight_quantizers, freeze, prepare_qat
+    from edgefm.tools.qat import WEIGHT_LEVELS, fold_weight_quantizers, freeze, prepare_qat
 
     assert 2 * 255 * 127 > 32767 and 2 * 255 * WEIGHT_LEVELS <= 32767
     model = prepare_qat(tiny_detector(num_classes=3))

@@ -4,7 +4,7 @@ import torch
 from conftest import kill_after_checkpoint
 from edgefm.config import BackboneConfig, DetectorConfig, FinetuneConfig, load_profile
 from edgefm.data import ensure_dataset
-from edgefm.finetune import (
+from edgefm.stages.finetune import (
     build_detector,
     ensure_finetuned,
     finetune,
@@ -12,7 +12,7 @@ from edgefm.finetune import (
     layer_decay_groups,
     load_detector,
 )
-from edgefm.training import CheckpointError
+from edgefm.tools.training import CheckpointError
 
 BACKBONE = BackboneConfig(image_size=64, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
 CFG = FinetuneConfig(detector=DetectorConfig(image_size=64, channels=32, head_hidden=32), batch_size=4,
@@ -71,7 +71,7 @@ def test_unknown_init_and_bad_weights_fail_clearly(fashion_dir, tmp_path):
 
 def test_feasibility_writes_every_required_figure(fashion_dir):
     from edgefm.artifacts import read_metrics
-    from edgefm.feasibility import ensure_feasibility
+    from edgefm.stages.feasibility import ensure_feasibility
 
     ensure_feasibility("smoke", progress=False)
     metrics = read_metrics("smoke", "feasibility")
@@ -97,7 +97,7 @@ def test_feasibility_writes_every_required_figure(fashion_dir):
 def test_a_shipped_detector_is_used_only_with_its_exact_config(fashion_dir, tmp_path, capsys):
     from dataclasses import replace
 
-    from edgefm.finetune import export_finetuned, shipped_folder
+    from edgefm.stages.finetune import export_finetuned, shipped_folder
 
     profile = replace(load_profile("smoke"), shipped=True)
     trained = ensure_finetuned(profile, init="random", progress=False)
@@ -118,7 +118,7 @@ def _gap(gap: float, margin: float) -> dict:
 
 
 def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
-    from edgefm.feasibility import pretraining_summary
+    from edgefm.stages.feasibility import pretraining_summary
 
     curve = [{"fraction": f, "init": i, "map": m} for f, i, m in
              ((0.03, "mae", 0.036), (0.03, "random", 0.026), (0.3, "mae", 0.2), (0.3, "random", 0.21))]

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from edgefm.bundle import write_bundle
 from edgefm.config import load_profile
 from edgefm.data import ensure_dataset
-from edgefm.export import export_onnx
-from edgefm.finetune import ensure_finetuned, load_detector
-from edgefm.quantization import RECIPES
-from edgefm.quantize import CalibrationScenes, preprocess, quantize
 from edgefm.runtime import EdgeDetector, open_session
+from edgefm.stages.finetune import ensure_finetuned, load_detector
+from edgefm.stages.quantization import RECIPES
+from edgefm.tools.bundle import write_bundle
+from edgefm.tools.export import export_onnx
+from edgefm.tools.quantize import CalibrationScenes, preprocess, quantize
 
 # facebook/vit-mae-base's config.json (encoder and decoder), as published on the hub
 VIT_MAE_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,

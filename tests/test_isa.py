@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefm import isa
+from edgefm.tools import isa
 
 needs_emulator = pytest.mark.skipif(isa.emulator() is None,
                                     reason="needs x86-64 and qemu-user (make test installs it)")

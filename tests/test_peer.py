@@ -12,9 +12,7 @@ import torch
 from conftest import kill_after_checkpoint
 from edgefm.config import DetectorConfig, PeerConfig, load_profile
 from edgefm.data import ensure_dataset
-from edgefm.evaluate import gap_interval
-from edgefm.export import export_onnx
-from edgefm.peer import (
+from edgefm.stages.peer import (
     PeerDecoder,
     PeerNetwork,
     build_peer,
@@ -26,6 +24,8 @@ from edgefm.peer import (
     shipped_peer,
     train_peer,
 )
+from edgefm.tools.evaluate import gap_interval
+from edgefm.tools.export import export_onnx
 
 DETECTOR = DetectorConfig(image_size=64, max_detections=20)
 
@@ -96,8 +96,8 @@ def test_training_resumes_and_its_weights_reload(fashion_dir, tmp_path, monkeypa
 
 
 def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, monkeypatch, capsys):
-    from edgefm import peer as module
     from edgefm.cli import main
+    from edgefm.stages import peer as module
 
     results = ensure_peer("smoke", progress=False)
     low, high = results["eval"]["map_ci"]

@@ -10,8 +10,8 @@ from edgefm.artifacts import read_metrics
 from edgefm.config import BackboneConfig, PretrainConfig
 from edgefm.data import DatasetError
 from edgefm.models import CheckpointError, load_mae_backbone
-from edgefm.pretrain import ensure_pretrained, pretrain
-from edgefm.training import batch_indices
+from edgefm.stages.pretrain import ensure_pretrained, pretrain
+from edgefm.tools.training import batch_indices
 
 CFG = PretrainConfig(
     backbone=BackboneConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),

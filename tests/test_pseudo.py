@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from edgefm.compress.distill import feature_imitation
-from edgefm.compress.pseudo import (
+from edgefm.config import DetectorConfig
+from edgefm.data.coco import CocoDetection, CocoSplit
+from edgefm.tools.distill import feature_imitation
+from edgefm.tools.pseudo import (
     best_threshold,
     f1_by_threshold,
     label_pool,
     pseudo_labelled,
     unlabelled_coco,
 )
-from edgefm.config import DetectorConfig
-from edgefm.data.coco import CocoDetection, CocoSplit
 
 CATEGORIES = [{"id": 1, "name": "shirt"}, {"id": 2, "name": "bag"}]
 

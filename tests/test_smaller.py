@@ -7,12 +7,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from edgefm import smaller
 from edgefm.artifacts import artifacts_root
-from edgefm.compress.search import choose, from_params, run_search, trial_records
 from edgefm.config import MODES, SearchConfig, StudentConfig, load_profile
-from edgefm.finetune import WEIGHTS_ENV
-from edgefm.smaller import ensure_smaller, load_b, paired_gap, search_storage, shipped_study, study_name
+from edgefm.stages import smaller
+from edgefm.stages.finetune import WEIGHTS_ENV
+from edgefm.stages.smaller import (
+    ensure_smaller,
+    load_b,
+    paired_gap,
+    search_storage,
+    shipped_study,
+    study_name,
+)
+from edgefm.tools.search import choose, from_params, run_search, trial_records
 
 FIELDS = ("name", "format", "map", "map50", "latency_ms_1t", "latency_ms_2t", "latency_p90_ms_2t",
           "size_bytes", "params", "flops", "latency_speedup_2t", "size_reduction", "map_drop")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import kill_after_checkpoint
-from edgefm.training import DeviceError, Schedule, StepData, fit, resolve_device, to_device
+from edgefm.tools.training import DeviceError, Schedule, StepData, fit, resolve_device, to_device
 
 
 class Noisy(torch.utils.data.Dataset):

@@ -151,14 +151,14 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("edgefm.data.scenes",),
     "pennfudan": ("edgefm.data.pennfudan",),
     "coco": ("edgefm.data.own",),
-    "pretrain": ("edgefm.pretrain",),
-    "finetune": ("edgefm.finetune",),
-    "students": ("edgefm.compress.distill", "edgefm.compress.students"),
-    "pseudo": ("edgefm.compress.pseudo",),
-    "peer": ("edgefm.peer",),
-    "smaller": ("edgefm.smaller",),
-    "quantization": ("edgefm.quantization",),
-    "deployment": ("edgefm.deploy", "edgefm.bundle", "edgefm.report", "edgefm.runtime"),
+    "pretrain": ("edgefm.stages.pretrain",),
+    "finetune": ("edgefm.stages.finetune",),
+    "students": ("edgefm.tools.distill", "edgefm.tools.students"),
+    "pseudo": ("edgefm.tools.pseudo",),
+    "peer": ("edgefm.stages.peer",),
+    "smaller": ("edgefm.stages.smaller",),
+    "quantization": ("edgefm.stages.quantization",),
+    "deployment": ("edgefm.stages.deploy", "edgefm.tools.bundle", "edgefm.report", "edgefm.runtime"),
 }
 VERSIONS_FILE = PACKAGE_DIR / "stage_versions.json"
 

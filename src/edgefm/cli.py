@@ -67,7 +67,7 @@ def _cmd_pennfudan(args: argparse.Namespace) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from edgefm.pretrain import ensure_pretrained, export_pretrained
+    from edgefm.stages.pretrain import ensure_pretrained, export_pretrained
 
     profile = load_profile(args.profile)
     if args.steps is not None:
@@ -107,7 +107,7 @@ def _finetune_overrides(args: argparse.Namespace) -> dict:
 
 
 def _trained(args: argparse.Namespace, profile=None):
-    from edgefm.finetune import ensure_finetuned
+    from edgefm.stages.finetune import ensure_finetuned
 
     return ensure_finetuned(profile or load_profile(args.profile), args.init, args.fraction,
                             device=getattr(args, "device", "auto"), workers=getattr(args, "workers", None),
@@ -115,7 +115,7 @@ def _trained(args: argparse.Namespace, profile=None):
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from edgefm.finetune import export_finetuned
+    from edgefm.stages.finetune import export_finetuned
 
     profile = load_profile(args.profile)
     trained = _trained(args, profile)
@@ -131,7 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"exported to {export_finetuned(trained, args.export, command, args.device)}")
     if args.record is not None:
         from edgefm.artifacts import atomic_write_json
-        from edgefm.feasibility import run_record
+        from edgefm.stages.feasibility import run_record
 
         atomic_write_json(args.record, run_record(profile, trained, args.bootstrap))
         print(f"record: {args.record}")
@@ -139,7 +139,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from edgefm.data import ensure_dataset
-    from edgefm.feasibility import evaluate_finetuned
+    from edgefm.stages.feasibility import evaluate_finetuned
 
     profile = load_profile(args.profile)
     metrics = evaluate_finetuned(_trained(args, profile), ensure_dataset(profile).eval, args.bootstrap)
@@ -149,7 +149,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_long_runs(args: argparse.Namespace) -> None:
-    from edgefm.feasibility import run_long_runs
+    from edgefm.stages.feasibility import run_long_runs
 
     profile = load_profile(args.profile)
     for line in run_long_runs(profile, args.out, args.device, args.parallel, args.workers, args.only):
@@ -158,8 +158,9 @@ def _cmd_long_runs(args: argparse.Namespace) -> None:
 
 def _profile_model(args: argparse.Namespace):
     """The profile's trained detector (PyTorch, or the ``--onnx`` file made from it) and its spec."""
-    from edgefm.finetune import load_detector, torch_runner
     from edgefm.runtime import BundleSpec, onnx_runner, open_session
+    from edgefm.stages.finetune import load_detector
+    from edgefm.tools.evaluate import torch_runner
 
     if args.onnx:
         open_session(args.onnx)  # a missing or corrupt file fails now, before A is loaded or trained
@@ -196,8 +197,8 @@ def _drawing_names(paths: list[Path]) -> list[str]:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from edgefm.artifacts import atomic_path, atomic_write_json
     from edgefm.errors import InputError
-    from edgefm.images import draw_detections, read_image
     from edgefm.runtime import EdgeDetector, detect
+    from edgefm.runtime.images import draw_detections, read_image
 
     _check_images(args.images)
     if args.json is not None and not args.json.parent.is_dir():
@@ -243,8 +244,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from edgefm.export import export_onnx, onnx_files
-    from edgefm.finetune import load_detector
+    from edgefm.stages.finetune import load_detector
+    from edgefm.tools.export import export_onnx, onnx_files
 
     trained = _trained(args)
     path = export_onnx(load_detector(trained), args.out, trained.config.detector.image_size)
@@ -263,11 +264,11 @@ def _print_variants(variants: list[dict], threads: Sequence[int]) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from edgefm.bench import benchmark, module_variant
     from edgefm.data import ensure_dataset
-    from edgefm.evaluate import evaluate_split
-    from edgefm.export import op_counts, open_session
-    from edgefm.finetune import load_detector
+    from edgefm.stages.finetune import load_detector
+    from edgefm.tools.bench import benchmark, module_variant
+    from edgefm.tools.evaluate import evaluate_split
+    from edgefm.tools.export import op_counts, open_session
 
     profile = load_profile(args.profile)
     for path in args.models:
@@ -295,7 +296,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from edgefm.quantization import ensure_quantization
+    from edgefm.stages.quantization import ensure_quantization
 
     results = ensure_quantization(load_profile(args.profile))
     _print_variants(results["variants"], (1, 2))
@@ -305,7 +306,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 def _cmd_smaller(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from edgefm.smaller import ensure_smaller
+    from edgefm.stages.smaller import ensure_smaller
 
     profile = load_profile(args.profile)
     if args.storage or args.trials:
@@ -316,14 +317,14 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
     _print_variants(results["variants"], profile.smaller.bench.threads)
     print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
     if args.ship:
-        from edgefm.smaller import ship_final
+        from edgefm.stages.smaller import ship_final
 
         for path in ship_final(profile):
             print(f"shipped: {path}")
 
 
 def _cmd_peer(args: argparse.Namespace) -> None:
-    from edgefm.peer import ensure_peer, ship_peer
+    from edgefm.stages.peer import ensure_peer, ship_peer
 
     results = ensure_peer(load_profile(args.profile))
     low, high = results["eval"]["map_ci"]
@@ -334,8 +335,8 @@ def _cmd_peer(args: argparse.Namespace) -> None:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
-    from edgefm.bundle import copy_bundle
-    from edgefm.deploy import compress
+    from edgefm.stages.deploy import compress
+    from edgefm.tools.bundle import copy_bundle
 
     profile = load_profile(args.profile)
     results = compress(profile)

@@ -145,8 +145,8 @@ class FinetuneConfig:
 class BenchConfig:
     """How hard to measure: ``runs`` timed runs per variant and thread count after ``warmup``
     untimed ones, in turns of ``burst`` back-to-back runs that follow a pause of ``pause_ms`` and
-    one untimed run (see :func:`edgefm.bench.latencies`); ``camera_frames`` frames arriving at
-    ``camera_fps`` (:func:`edgefm.bench.camera_latencies`); both measured ``repeats`` times,
+    one untimed run (see :func:`edgefm.tools.bench.latencies`); ``camera_frames`` frames arriving at
+    ``camera_fps`` (:func:`edgefm.tools.bench.camera_latencies`); both measured ``repeats`` times,
     spread through the run, so each ratio has a spread; throughput at ``throughput_batch``;
     ``memory`` reads each variant's peak resident size in a fresh process (a few seconds each)."""
 
@@ -185,7 +185,7 @@ class QuantizeConfig:
     ranges (never eval scenes); a layer group whose quantization alone costs more than
     ``sensitivity_threshold`` mAP (0.0025: a quarter of a point) stays FP32 in the mixed recipe.
     Each INT8 variant is run on ``isa_images`` val scenes on an emulated CPU without VNNI
-    (:mod:`edgefm.isa`): few, as emulation is slow, but one saturated pair shows on any scene."""
+    (:mod:`edgefm.tools.isa`): few, as emulation is slow, but one saturated pair shows on any scene."""
 
     calibration_scenes: int = 64
     sensitivity_threshold: float = 0.0025
@@ -197,7 +197,7 @@ class QuantizeConfig:
 @dataclass(frozen=True)
 class DistillWeights:
     """How much each imitation term counts next to the detection loss (weight 1); see
-    :mod:`edgefm.compress.distill`."""
+    :mod:`edgefm.tools.distill`."""
 
     heatmap: float = 1.0
     boxes: float = 0.1
@@ -207,14 +207,14 @@ class DistillWeights:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """A smaller detector (:mod:`edgefm.compress.students`) and how it learns.
+    """A smaller detector (:mod:`edgefm.tools.students`) and how it learns.
 
     ``kind`` is ``"vit"`` (A cut down: ``depth`` blocks kept, ``width`` of the channels in
-    ``scope`` and ``heads`` of every block's heads pruned, see :mod:`edgefm.compress.prune`;
+    ``scope`` and ``heads`` of every block's heads pruned, see :mod:`edgefm.tools.prune`;
     weights from ``init``: ``"teacher"``, ``"mae"`` or ``"random"``) or a ``timm`` model name
     read at ``stride`` (random weights), whose pyramid and head are ``channels`` and
     ``head_hidden`` wide (0: A's). ``distill`` None trains on the labels alone; ``pool`` adds
-    A's pseudo-labels on the unlabelled pool to the labels (:mod:`edgefm.compress.pseudo`).
+    A's pseudo-labels on the unlabelled pool to the labels (:mod:`edgefm.tools.pseudo`).
     """
 
     name: str
@@ -320,7 +320,7 @@ class SmallerConfig:
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """The peer (:mod:`edgefm.peer`): torchvision's SSDlite-MobileNetV3 trained from scratch on the
+    """The peer (:mod:`edgefm.stages.peer`): torchvision's SSDlite-MobileNetV3 trained from scratch on the
     labelled scenes at A's input size, by the same loop as A (AdamW, warm-up, cosine). Its anchors
     span ``min_ratio`` .. ``max_ratio`` of the image, as the scenes' items do; COCO's 0.2 .. 0.95
     would leave the smallest without an anchor. Weight decay is the torchvision recipe's."""
@@ -346,7 +346,7 @@ class Profile:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    # The feasibility study (edgefm.feasibility): labelled fractions of the train scenes for the
+    # The feasibility study (edgefm.stages.feasibility): labelled fractions of the train scenes for the
     # label-efficiency curve, each trained for as many epochs over its subset as A over all;
     # A's schedule shortened by these factors (does a longer one still gain?); the seeds besides
     # A's that measure the seed-to-seed spread; and the length of the live runs that re-trace

@@ -2,7 +2,7 @@
 
 Every such error derives from :class:`InputError`, which the command line prints in one line
 (exit status 2) instead of a traceback. Nothing here imports PyTorch: the deployed path
-(:mod:`edgefm.runtime`, :mod:`edgefm.images`) raises these too.
+(:mod:`edgefm.runtime`, :mod:`edgefm.runtime.images`) raises these too.
 """
 
 from __future__ import annotations

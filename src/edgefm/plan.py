@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from edgefm.bench import count_flops
 from edgefm.config import Profile
-from edgefm.finetune import build_detector
 from edgefm.models.centernet import EncodeTargets, centernet_loss
-from edgefm.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
+from edgefm.stages.finetune import build_detector
+from edgefm.stages.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
+from edgefm.tools.bench import count_flops
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PlannedStage:
 def _feasibility_images(profile: Profile) -> int:
     """The study's runs (shipped ones included: the bound assumes nothing is shipped) and the
     live re-traces every build trains."""
-    from edgefm.feasibility import live_runs, study_runs
+    from edgefm.stages.feasibility import live_runs, study_runs
 
     runs = study_runs(profile)
     retraces = len(live_runs(profile)) * profile.retrace_steps * profile.finetune.batch_size
@@ -45,8 +45,8 @@ def _feasibility_images(profile: Profile) -> int:
 
 
 def _smaller_images(profile: Profile) -> int:
-    """Every candidate :mod:`edgefm.smaller` trains, and the re-traces of its shipped long runs."""
-    from edgefm.smaller import RETRACE_STEPS
+    """Every candidate :mod:`edgefm.stages.smaller` trains, and the re-traces of its shipped long runs."""
+    from edgefm.stages.smaller import RETRACE_STEPS
 
     cfg = profile.smaller
     compare = cfg.compare.steps * cfg.compare.batch_size

@@ -1,6 +1,6 @@
 """The final benchmark's verdicts: C against the book's targets, C against the peer, the summary.
 
-The deployment stage (:mod:`edgefm.deploy`) measures every variant in one benchmark run; the
+The deployment stage (:mod:`edgefm.stages.deploy`) measures every variant in one benchmark run; the
 functions here turn those records into the decisions the chapters display: which targets C meets
 (:func:`targets_report`, judged with intervals), which of the peer's files a practitioner would
 deploy (:func:`peer_format`, chosen on val) and whether C beats it (:func:`peer_comparison`), and
@@ -9,8 +9,8 @@ deploy (:func:`peer_format`, chosen on val) and whether C beats it (:func:`peer_
 
 from __future__ import annotations
 
-from edgefm.evaluate import gap_interval
 from edgefm.targets import TARGETS, Check
+from edgefm.tools.evaluate import gap_interval
 
 A_TORCH, A_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)"
 B_TORCH, B_ORT = "B (PyTorch FP32)", "B (ONNX Runtime FP32)"

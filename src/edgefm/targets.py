@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class Target:
     """A goal on one figure: ``metric <comparison> threshold`` for a model, with its origin.
     Speed targets are judged with frames arriving at a camera's 30 fps, on 2 threads: the regime
-    of the book's use case (:func:`edgefm.bench.camera_latencies`)."""
+    of the book's use case (:func:`edgefm.tools.bench.camera_latencies`)."""
 
     name: str
     model: str

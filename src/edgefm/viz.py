@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from edgefm.data.coco import CocoDetection
-from edgefm.images import PALETTE
+from edgefm.runtime.images import PALETTE
 
 
 def draw_boxes(

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from edgefm.errors import DatasetError
-from edgefm.images import read_image
+from edgefm.runtime.images import read_image
 
 
 @dataclass(frozen=True)

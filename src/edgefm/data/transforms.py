@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from edgefm.images import PAD_VALUE
+from edgefm.runtime.images import PAD_VALUE
 
 # ImageNet statistics: what MAE and timm backbones are pretrained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -8,7 +8,7 @@ and by the log of the box area, with a GIoU loss: many samples per object, and a
 overlap the metric scores; on the default scenes it learned markedly faster than CenterNet's
 single-cell regression in an early comparison.
 
-The network's graph ends at the two raw maps; :func:`edgefm.decode.decode` turns them into boxes
+The network's graph ends at the two raw maps; :func:`edgefm.runtime.decode.decode` turns them into boxes
 in NumPy, for PyTorch, ONNX Runtime and a device alike.
 """
 

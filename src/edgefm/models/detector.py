@@ -1,7 +1,7 @@
 """The detector: a ViT backbone, ViTDet's simple feature pyramid and a CenterNet-style head.
 
 ``forward`` takes images in [0, 1] (normalisation is inside the graph, so an exported model needs
-no preprocessing beyond resizing) and returns the head's raw tensors; :func:`edgefm.decode.decode`
+no preprocessing beyond resizing) and returns the head's raw tensors; :func:`edgefm.runtime.decode.decode`
 turns them into boxes, for PyTorch and ONNX Runtime outputs alike.
 """
 

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from edgefm.config import DOWNLOAD_ENV, BackboneConfig
-from edgefm.training import CheckpointError
+from edgefm.tools.training import CheckpointError
 
 
 def build_vit(cfg: BackboneConfig, layer_norm_eps: float = 1e-12) -> VisionTransformer:

@@ -1,26 +1,26 @@
 """The smaller-model study: model B, found by pruning, distillation and search, measured against A.
 
 Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
-(:func:`~edgefm.compress.students.build_student`) and trained with
-:func:`~edgefm.compress.distill.train_student`:
+(:func:`~edgefm.tools.students.build_student`) and trained with
+:func:`~edgefm.tools.distill.train_student`:
 
 1. **pruning curves**: A with ``ratio`` of its heads and MLP channels removed, scored before and
    after a fine-tune at the comparison budget;
 2. **training modes**: one ViT student cut from A trained on the labels alone, distilled from A
    online, and on the labels plus A's pseudo-labels on the unlabelled pool
-   (:mod:`edgefm.compress.pseudo`), with several seeds, beside the *control*: A itself trained as
+   (:mod:`edgefm.tools.pseudo`), with several seeds, beside the *control*: A itself trained as
    long the same way, so a student's gain over A is never extra training in disguise; the
    labels-only arm runs again for about a distilled run's compute (:func:`paired_gap` judges);
 3. **other students**: a mobile CNN, and a ViT started from the MAE encoder, with and without
    distillation (one seed each);
-4. **search**: :func:`~edgefm.compress.search.run_search` over ViT students and training modes,
+4. **search**: :func:`~edgefm.tools.search.run_search` over ViT students and training modes,
    on val mAP and camera-rate latency as a fraction of A's;
 5. **B**: the most accurate trial within the latency budget, trained again in its mode for the
    final budget, beside A continued for as long.
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; one
-:func:`~edgefm.bench.benchmark` run measures A and all of them on the eval scenes;
+:func:`~edgefm.tools.bench.benchmark` run measures A and all of them on the eval scenes;
 ``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
 """
 
@@ -48,19 +48,19 @@ from edgefm.artifacts import (
     stage_versions,
     write_metrics,
 )
-from edgefm.bench import benchmark, camera_latencies, module_variant
-from edgefm.compress.distill import train_student
-from edgefm.compress.pseudo import label_pool
-from edgefm.compress.search import choose, from_params, run_search, trial_records
-from edgefm.compress.students import build_student
 from edgefm.config import MODES, DistillWeights, Profile, StudentConfig, StudentTraining, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import evaluate_split
-from edgefm.finetune import ensure_finetuned, load_detector, torch_runner, weights_root
 from edgefm.models.detector import Detector
-from edgefm.training import TrainState, loss_gaps, save_weights
+from edgefm.stages.finetune import ensure_finetuned, load_detector, weights_root
+from edgefm.tools.bench import benchmark, camera_latencies, module_variant
+from edgefm.tools.distill import train_student
+from edgefm.tools.evaluate import evaluate_split, torch_runner
+from edgefm.tools.pseudo import label_pool
+from edgefm.tools.search import choose, from_params, run_search, trial_records
+from edgefm.tools.students import build_student
+from edgefm.tools.training import TrainState, loss_gaps, save_weights
 
 WEIGHTS = "model.safetensors"
 SHIP_COMMAND = "edgefm --profile {profile} smaller --ship"
@@ -102,7 +102,7 @@ class Candidates:
         self.train = CocoDetection(self.dataset.train, transforms)
         self.mae_source = None
         if any(s.init == "mae" for s in (*profile.smaller.students, *profile.smaller.long_students)):
-            from edgefm.pretrain import ensure_pretrained
+            from edgefm.stages.pretrain import ensure_pretrained
 
             self.mae_source = ensure_pretrained(profile, progress=progress).source
         self.profile, self.progress, self.model_a = profile, progress, trained.identity

@@ -19,14 +19,29 @@ from pycocotools.cocoeval import COCOeval
 from edgefm.config import DetectorConfig
 from edgefm.data.coco import CocoDetection, CocoSplit, collate, validate_coco
 from edgefm.data.transforms import detection_transforms
-from edgefm.decode import decode
 from edgefm.runtime import RunModel
+from edgefm.runtime.decode import decode
 
 # raw outputs of a model (NumPy, batch first) -> per image: XYXY boxes in input pixels, scores, labels
 Decoder = Callable[..., list[dict]]
 
 SIZES = ("small", "medium", "large")
 BOOTSTRAP = 1000  # resamples of the eval images behind every interval the book prints
+
+
+def torch_runner(model) -> RunModel:
+    """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out), on
+    whichever device the model is. (torch is imported here, not above: this module also serves
+    the torch-free run under an emulated CPU, :mod:`edgefm.tools.isa`.)"""
+    import torch
+
+    @torch.no_grad()
+    def run(images):
+        model.eval()
+        device = next(model.parameters()).device
+        return tuple(o.float().cpu().numpy() for o in model(torch.from_numpy(images).to(device)))
+
+    return run
 
 
 def to_coco_results(
@@ -181,7 +196,7 @@ def _empty(truth: COCO) -> dict:
 def predict_split(run: RunModel, split: CocoSplit, cfg: DetectorConfig, stride: float | None = None,
                   batch_size: int = 32, decoder: Decoder | None = None) -> list[dict]:
     """COCO result records of any model (PyTorch, ONNX Runtime, ...) on a split's images, in the
-    original images' pixels: its raw outputs decoded by :func:`~edgefm.decode.decode` at
+    original images' pixels: its raw outputs decoded by :func:`~edgefm.runtime.decode.decode` at
     ``stride`` (A and its students), or by ``decoder`` (a detector of another kind, the peer)."""
     if decoder is None:
         if stride is None:

@@ -1,12 +1,12 @@
 """Running a detector on a device: ONNX Runtime, NumPy and Pillow, no PyTorch.
 
-A *bundle* is a folder that holds everything a device needs (written by :mod:`edgefm.deploy`):
+A *bundle* is a folder that holds everything a device needs (written by :mod:`edgefm.stages.deploy`):
 the model (``.onnx``, and the same graph in ONNX Runtime's mobile ``.ort`` format) and
 ``bundle.json``, which says how to feed it (input size, letterbox padding; the normalisation is
 inside the graph) and how to read it (class names, the decoder's stride and limits).
 :class:`EdgeDetector` opens one and turns images into boxes; ``edgefm predict --model`` and
-``examples/predict.py`` use it or its recipe. This module, :mod:`edgefm.images` and
-:mod:`edgefm.decode` import no PyTorch: the deployed path is the path the book measures.
+``examples/predict.py`` use it or its recipe. This module, :mod:`edgefm.runtime.images` and
+:mod:`edgefm.runtime.decode` import no PyTorch: the deployed path is the path the book measures.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from edgefm.decode import decode
 from edgefm.errors import BundleError, InputError
-from edgefm.images import PAD_VALUE, letterbox
+from edgefm.runtime.decode import decode
+from edgefm.runtime.images import PAD_VALUE, letterbox
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "edgefm-bundle/1"
@@ -90,7 +90,7 @@ class BundleSpec:
     (``mean``/``std`` are recorded for reference). It returns class heatmap logits and box
     distances on a grid of ``stride`` input pixels per cell (fractional for a model that resizes
     its input inside the graph). ``int8`` says how an INT8 model was made and whether it was
-    checked to compute the same on CPUs without VNNI (:mod:`edgefm.isa`).
+    checked to compute the same on CPUs without VNNI (:mod:`edgefm.tools.isa`).
     """
 
     model: str

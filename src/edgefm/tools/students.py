@@ -1,8 +1,8 @@
 """The students: smaller detectors with A's neck and head, built from A or from a timm mobile CNN.
 
 A *ViT student* is A's own architecture cut down: ``depth`` of its blocks kept (spread evenly,
-:func:`~edgefm.compress.prune.spread_blocks`) and ``width`` of every channel pruned
-(:func:`~edgefm.compress.prune.prune_detector`, scope ``"all"``). Its weights come from A
+:func:`~edgefm.tools.prune.spread_blocks`) and ``width`` of every channel pruned
+(:func:`~edgefm.tools.prune.prune_detector`, scope ``"all"``). Its weights come from A
 (``init="teacher"``: the fine-tuned detector, so the student starts where A is), from the MAE
 encoder that A started from (``init="mae"``: the same selection, with a fresh neck and head), or
 from nothing (``"random"``). A *mobile student* replaces the ViT by a ``timm`` CNN (random
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from edgefm.compress.prune import keep_blocks, prune_detector, spread_blocks
 from edgefm.config import BackboneConfig, DetectorConfig, StudentConfig
 from edgefm.models.detector import Detector
 from edgefm.models.vit import ViTBackbone, load_mae_backbone, random_mae_backbone
+from edgefm.tools.prune import keep_blocks, prune_detector, spread_blocks
 
 
 class TimmBackbone(nn.Module):

@@ -4,7 +4,7 @@ A bundle holds C as ONNX and in ONNX Runtime's mobile ``.ort`` format (:func:`to
 ``bundle.json`` (what :class:`~edgefm.runtime.EdgeDetector` needs to letterbox, run and decode),
 and ``model-card.md`` (:func:`model_card`: what the model is, how it was made and measured).
 :func:`agreement_with` checks that the bundle, run without PyTorch, detects what the model did in
-PyTorch. :mod:`edgefm.deploy` makes C and writes the bundle with these functions.
+PyTorch. :mod:`edgefm.stages.deploy` makes C and writes the bundle with these functions.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 from edgefm.artifacts import atomic_write_json
 from edgefm.config import DetectorConfig
 from edgefm.data.coco import CocoSplit
-from edgefm.evaluate import detection_agreement
-from edgefm.export import onnx_files
-from edgefm.finetune import torch_runner
-from edgefm.images import read_image
-from edgefm.isa import has_vnni
 from edgefm.models.detector import Detector
 from edgefm.runtime import BUNDLE_FILE, BundleSpec, EdgeDetector, detect
+from edgefm.runtime.images import read_image
+from edgefm.tools.evaluate import detection_agreement, torch_runner
+from edgefm.tools.export import onnx_files
+from edgefm.tools.isa import has_vnni
 
 MODEL_FILE, CARD_FILE = "model.onnx", "model-card.md"
 
@@ -106,7 +105,7 @@ Input: RGB, letterboxed to {spec.image_size} x {spec.image_size} (longer side re
 bottom with grey {spec.pad_value}), float32 in [0, 1], NCHW; the model normalises inside its graph.
 Outputs: class heatmap logits and box distances (left, top, right, bottom, in input pixels) on a
 grid of stride {spec.stride:.4g} px; decode with a 3x3 peak filter, the best {spec.max_detections} peaks
-(`edgefm.decode.decode`). Files: `{spec.model}` (ONNX), `{spec.ort_model}` (ONNX Runtime's format
+(`edgefm.runtime.decode.decode`). Files: `{spec.model}` (ONNX), `{spec.ort_model}` (ONNX Runtime's format
 for its mobile builds), `model.required_operators.config` (the operators a reduced build of ONNX
 Runtime must include), `bundle.json`.
 

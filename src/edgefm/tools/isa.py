@@ -93,7 +93,7 @@ def outputs_on_avx2(models: list[Path], images: np.ndarray) -> dict[str, list[np
         return None
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "images.npy", images)
-        command = [*prefix, sys.executable, "-m", "edgefm.isa", tmp, *map(str, models)]
+        command = [*prefix, sys.executable, "-m", "edgefm.tools.isa", tmp, *map(str, models)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -125,10 +125,10 @@ def avx2_agreement(models: list[Path], images: np.ndarray, tolerance: float = 1e
 def evaluate_on_avx2(model: Path, split, cfg, stride: float) -> dict | None:
     """COCO metrics of an ONNX ``model`` on ``split`` (a :class:`~edgefm.data.coco.CocoSplit`)
     computed on an emulated AVX2-only CPU (None where :func:`can_compare` is false). The split
-    is preprocessed and decoded here, exactly as :func:`~edgefm.evaluate.evaluate_split` does;
+    is preprocessed and decoded here, exactly as :func:`~edgefm.tools.evaluate.evaluate_split` does;
     only the session runs under emulation, all images in one emulated process."""
-    from edgefm.evaluate import evaluate_split
     from edgefm.runtime import onnx_runner, open_session
+    from edgefm.tools.evaluate import evaluate_split
 
     if not can_compare():
         return None
@@ -159,7 +159,7 @@ def weight_peak(model: Path | str) -> int | None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m edgefm.isa FOLDER MODEL...``: run each model on ``FOLDER/images.npy``, writing
+    """``python -m edgefm.tools.isa FOLDER MODEL...``: run each model on ``FOLDER/images.npy``, writing
     ``FOLDER/<i>.npz`` (what :func:`outputs_on_avx2` runs under the emulator)."""
     folder, models = Path(argv[0]), argv[1:]
     images = np.load(folder / "images.npy")

@@ -30,18 +30,17 @@ import numpy as np
 from edgefm.artifacts import artifacts_root, atomic_write_json, plain, write_metrics
 from edgefm.config import FinetuneConfig, Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
-from edgefm.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_gap
-from edgefm.finetune import (
+from edgefm.stages.finetune import (
     Finetuned,
     config_differences,
     ensure_finetuned,
     finetune_key,
     load_detector,
     shipped_folder,
-    torch_runner,
     weights_root,
 )
-from edgefm.training import resolve_device
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_gap, torch_runner
+from edgefm.tools.training import resolve_device
 
 EVAL_KEYS = ("map", "map_ci", "map50", "map75", "map_small", "map_medium", "map_large", "per_class")
 
@@ -97,7 +96,7 @@ def evaluate_finetuned(trained: Finetuned, split: CocoSplit, bootstrap: int = 0,
 
 def paired_gap(first: list[float], second: list[float], gap: float) -> dict:
     """``gap`` (first's mAP minus second's) with its paired 95 % interval over the same bootstrap
-    resamplings of the eval images (:func:`~edgefm.evaluate.gap_interval`): significant when the
+    resamplings of the eval images (:func:`~edgefm.tools.evaluate.gap_interval`): significant when the
     interval leaves out zero. Narrower than the two intervals side by side, and the right test for
     two models scored on one split."""
     low, high = gap_interval(first, second)
@@ -257,7 +256,7 @@ def mae_vs_random(curve: list[dict]) -> list[dict]:
 
 
 def gap_verdict(gap: dict, first: str, second: str) -> str:
-    """A verdict on ``first`` minus ``second`` (:func:`~edgefm.evaluate.interval_gap`) in words."""
+    """A verdict on ``first`` minus ``second`` (:func:`~edgefm.tools.evaluate.interval_gap`) in words."""
     if not gap["significant"]:
         return f"{first} and {second} are level: the gap is within the intervals"
     return f"{first} beats {second}" if gap["gap"] > 0 else f"{second} beats {first}"

@@ -37,7 +37,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from edgefm.artifacts import atomic_path
 from edgefm.data.coco import CocoDetection, CocoSplit, collate
 from edgefm.data.transforms import detection_transforms
-from edgefm.export import node_scopes
+from edgefm.tools.export import node_scopes
 
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}

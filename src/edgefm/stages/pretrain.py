@@ -3,7 +3,7 @@
 The objective is MAE's: hide 75 % of the patches, encode the visible ones, and regress the hidden
 patches' pixels (normalised per patch). The loop is plain PyTorch: AdamW with warm-up and cosine
 decay, a progress bar, and a checkpoint every ``checkpoint_every`` steps from which a killed run
-continues exactly (:mod:`edgefm.training`).
+continues exactly (:mod:`edgefm.tools.training`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgefm.data import ensure_dataset
 from edgefm.data.coco import DatasetError, read_image
 from edgefm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from edgefm.models.vit import init_mae_embeddings, load_mae, mae_config
-from edgefm.training import Schedule, StepData, TrainState, fit
+from edgefm.tools.training import Schedule, StepData, TrainState, fit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

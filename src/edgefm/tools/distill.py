@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from edgefm.config import DistillWeights, StudentTraining
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
-from edgefm.training import Schedule, StepData, TrainState, fit
+from edgefm.tools.training import Schedule, StepData, TrainState, fit
 
 
 def heatmap_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -20,9 +20,9 @@ import numpy as np
 from edgefm.artifacts import atomic_write_json
 from edgefm.config import DetectorConfig
 from edgefm.data.coco import CocoSplit, validate_coco
-from edgefm.evaluate import box_iou, predict_split
-from edgefm.images import read_image
 from edgefm.runtime import RunModel
+from edgefm.runtime.images import read_image
+from edgefm.tools.evaluate import box_iou, predict_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.95, 0.05))

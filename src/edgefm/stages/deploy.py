@@ -1,11 +1,11 @@
 """Model C: the whole A -> B -> C pipeline, measured in one run (the deployment stage).
 
-:func:`compress` takes model A (:mod:`edgefm.finetune`), finds model B (:mod:`edgefm.smaller`)
+:func:`compress` takes model A (:mod:`edgefm.stages.finetune`), finds model B (:mod:`edgefm.stages.smaller`)
 and makes C: B exported to ONNX and quantized to INT8 with the recipe that won the quantization
 study of A (:func:`choose_recipe`). C goes into a *bundle* folder with what a device needs to run
-it and a model card with the measured figures (:mod:`edgefm.bundle`). One
-:func:`~edgefm.bench.benchmark` run measures A, A in INT8, B, B in ONNX, C and the peer
-(:mod:`edgefm.peer`) against each other; :mod:`edgefm.report` turns the records into verdicts.
+it and a model card with the measured figures (:mod:`edgefm.tools.bundle`). One
+:func:`~edgefm.tools.bench.benchmark` run measures A, A in INT8, B, B in ONNX, C and the peer
+(:mod:`edgefm.stages.peer`) against each other; :mod:`edgefm.report` turns the records into verdicts.
 ``metrics/deployment.json`` keeps all of it and ``metrics/summary.json`` the figures of C against
 A and the book's targets.
 """
@@ -23,39 +23,11 @@ import numpy as np
 from torch import nn
 
 from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import (
-    Variant,
-    benchmark,
-    latencies,
-    module_variant,
-    operator_profile,
-    repeat_ratio,
-    runtime_operators,
-)
-from edgefm.bundle import (
-    CARD_FILE,
-    MODEL_FILE,
-    agreement_with,
-    b_description,
-    limits,
-    model_card,
-    write_bundle,
-)
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import BOOTSTRAP, evaluate_split, gap_interval
-from edgefm.export import export_onnx, op_counts
-from edgefm.finetune import ensure_finetuned, load_detector
-from edgefm.images import read_image
-from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, weight_peak
 from edgefm.models.detector import Detector
-from edgefm.peer import ONNX_FILE as PEER_ONNX
-from edgefm.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
-from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
-from edgefm.quantization import ensure_quantization
-from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 from edgefm.report import (
     A_ORT,
     A_TORCH,
@@ -73,8 +45,36 @@ from edgefm.report import (
     targets_report,
 )
 from edgefm.runtime import EdgeDetector, onnx_runner, open_session
-from edgefm.smaller import ensure_smaller, load_b
+from edgefm.runtime.images import read_image
+from edgefm.stages.finetune import ensure_finetuned, load_detector
+from edgefm.stages.peer import ONNX_FILE as PEER_ONNX
+from edgefm.stages.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
+from edgefm.stages.quantization import ensure_quantization
+from edgefm.stages.smaller import ensure_smaller, load_b
 from edgefm.targets import TARGETS
+from edgefm.tools.bench import (
+    Variant,
+    benchmark,
+    latencies,
+    module_variant,
+    operator_profile,
+    repeat_ratio,
+    runtime_operators,
+)
+from edgefm.tools.bundle import (
+    CARD_FILE,
+    MODEL_FILE,
+    agreement_with,
+    b_description,
+    limits,
+    model_card,
+    write_bundle,
+)
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval
+from edgefm.tools.export import export_onnx, op_counts
+from edgefm.tools.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, weight_peak
+from edgefm.tools.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+from edgefm.tools.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 
 QAT = "INT8 QAT"
 # the mixed recipe keeps A's own sensitive layers in FP32: its list names A's blocks, not B's
@@ -84,7 +84,7 @@ NOT_TRANSFERABLE = ("INT8 static-mixed",)
 def safe_without_vnni(record: dict) -> bool:
     """Whether a study's INT8 variant computes the same on x86 CPUs without VNNI: as measured on
     the emulated CPU where this machine could run it, else by its weights' range
-    (:data:`~edgefm.isa.SAFE_WEIGHT_PEAK`)."""
+    (:data:`~edgefm.tools.isa.SAFE_WEIGHT_PEAK`)."""
     if record.get("avx2") is not None:
         return record["avx2"]["same"]
     return record["weight_peak"] is not None and record["weight_peak"] <= SAFE_WEIGHT_PEAK
@@ -204,7 +204,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                    bundle_files={f.name: f.stat().st_size for f in sorted(bundle.iterdir())},
                    c_operators=op_counts(bundle / MODEL_FILE))
     how = ("quantization-aware fine-tuning" if recipe == QAT else
-           f"the post-training recipe `{recipe.removeprefix('INT8 ')}` of `edgefm.quantization`")
+           f"the post-training recipe `{recipe.removeprefix('INT8 ')}` of `edgefm.stages.quantization`")
     context = {"profile": profile.name, "recipe_description": how, "machine": results["machine"],
                "runs": profile.quantize.bench.runs, "eval_images": len(CocoDetection(dataset.eval)),
                "b_description": b_description(smaller["b_config"], profile.pretrain.backbone.num_layers),

@@ -4,7 +4,7 @@ People who put a detector on a device mostly train a small single-stage detector
 labels. The peer is torchvision's SSDlite with a MobileNetV3-Large backbone (Liu et al., 2016;
 Howard et al., 2019), the mobile detector torchvision ships, trained *from scratch* (nothing is
 downloaded) on the same labelled scenes, at A's input size, by the same training loop as every
-other model here (:func:`edgefm.training.fit`, AdamW and a cosine schedule instead of the
+other model here (:func:`edgefm.tools.training.fit`, AdamW and a cosine schedule instead of the
 reference recipe's SGD over 600 COCO epochs).
 
 Two departures from ``ssdlite320_mobilenet_v3_large`` as built: the input is A's letterboxed
@@ -15,7 +15,7 @@ square (no resize inside), and the anchor scales span the scenes' objects
 :class:`PeerNetwork` is what runs on a device and what is exported and timed: normalisation,
 backbone and head, class logits and box offsets for every anchor. :class:`PeerDecoder` turns them
 into detections (softmax, box decoding, per-class NMS; torchvision's own code) outside the timed
-graph, as :func:`edgefm.decode.decode` does for A.
+graph, as :func:`edgefm.runtime.decode.decode` does for A.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from edgefm.artifacts import atomic_write_json, ensure_dir, plain, stage_dir, write_metrics
-from edgefm.bench import count_flops
 from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import BOOTSTRAP, evaluate_split
-from edgefm.export import export_onnx
-from edgefm.finetune import config_differences, torch_runner, weights_root
-from edgefm.training import Schedule, StepData, TrainState, fit, loss_gaps, save_weights
+from edgefm.stages.finetune import config_differences, weights_root
+from edgefm.tools.bench import count_flops
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, torch_runner
+from edgefm.tools.export import export_onnx
+from edgefm.tools.training import Schedule, StepData, TrainState, fit, loss_gaps, save_weights
 
 WEIGHTS, ONNX_FILE = "model.safetensors", "peer.onnx"
 FEATURE_MAPS = 6  # SSDlite's: two from the backbone, four extra blocks
@@ -84,7 +84,7 @@ class PeerNetwork(nn.Module):
 class PeerDecoder:
     """Detections from :class:`PeerNetwork`'s raw outputs (NumPy, batch first), by torchvision's
     ``SSD.postprocess_detections``: per image XYXY ``boxes`` in input pixels, ``scores`` and
-    ``labels`` (0 .. C-1, as :func:`edgefm.decode.decode` gives them)."""
+    ``labels`` (0 .. C-1, as :func:`edgefm.runtime.decode.decode` gives them)."""
 
     def __init__(self, ssd: SSD):
         self.ssd, size, training = ssd, ssd.image_size, ssd.training

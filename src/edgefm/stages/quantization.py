@@ -1,13 +1,13 @@
 """The quantization study of model A: every ONNX variant, the sensitivity scan, one benchmark.
 
 A is exported once; ONNX Runtime runs it in FP32 at each graph-optimisation level and after its
-transformer optimizer; then every :class:`~edgefm.quantize.QuantRecipe` in :data:`RECIPES`
+transformer optimizer; then every :class:`~edgefm.tools.quantize.QuantRecipe` in :data:`RECIPES`
 quantizes it. The sensitivity scan quantizes one layer group at a time (static MinMax) and the
 *mixed* recipe keeps in FP32 the groups that cost more than the profile's threshold. A short
-quantization-aware fine-tune (:mod:`edgefm.qat`) gives one more INT8 variant. Everything
-is measured in one :func:`~edgefm.bench.benchmark` run against A in PyTorch and recorded in
+quantization-aware fine-tune (:mod:`edgefm.tools.qat`) gives one more INT8 variant. Everything
+is measured in one :func:`~edgefm.tools.bench.benchmark` run against A in PyTorch and recorded in
 ``metrics/quantization.json``: eval figures to report, val figures to choose by, and what each
-INT8 file computes on a CPU without VNNI (:mod:`edgefm.isa`).
+INT8 file computes on a CPU without VNNI (:mod:`edgefm.tools.isa`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import onnx
 from onnx import numpy_helper
 
 from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
-from edgefm.bench import Variant, benchmark, latencies, module_variant
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import evaluate_split
-from edgefm.export import export_onnx, fuse_transformer, op_counts
-from edgefm.finetune import ensure_finetuned, load_detector
-from edgefm.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, has_vnni, weight_peak
-from edgefm.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
-from edgefm.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 from edgefm.runtime import LEVELS
+from edgefm.stages.finetune import ensure_finetuned, load_detector
+from edgefm.tools.bench import Variant, benchmark, latencies, module_variant
+from edgefm.tools.evaluate import evaluate_split
+from edgefm.tools.export import export_onnx, fuse_transformer, op_counts
+from edgefm.tools.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, has_vnni, weight_peak
+from edgefm.tools.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
+from edgefm.tools.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
 
 CONVS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
 QAT_CONTROL = "ORT FP32, QAT's steps without rounding"

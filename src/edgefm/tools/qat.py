@@ -26,7 +26,7 @@ from edgefm.config import QatConfig
 from edgefm.data.coco import CocoDetection
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
-from edgefm.training import Schedule, StepData, TrainState, fit, step_batches
+from edgefm.tools.training import Schedule, StepData, TrainState, fit, step_batches
 
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 # Weights are rounded to 7 bits: scaled so the largest magnitude of each channel is 63. ONNX

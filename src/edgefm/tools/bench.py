@@ -27,10 +27,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.config import BenchConfig
-from edgefm.export import fixed_batch, onnx_size, op_counts
-from edgefm.isa import cpu, isa
 from edgefm.report import A_TORCH
 from edgefm.runtime import LEVELS, onnx_runner, open_session
+from edgefm.tools.export import fixed_batch, onnx_size, op_counts
+from edgefm.tools.isa import cpu, isa
 
 LEVEL_NAMES = {name: level.name for name, level in LEVELS.items()}
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
@@ -82,7 +82,7 @@ class Variant:
         """Bytes on disk: the safetensors file of the weights, or the ONNX model with its data."""
         if self.onnx is not None:
             return onnx_size(self.onnx)
-        from edgefm.training import save_weights
+        from edgefm.tools.training import save_weights
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "weights.safetensors"

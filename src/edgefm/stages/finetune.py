@@ -4,7 +4,7 @@ The backbone starts from the MAE encoder (through the adapter) or from random we
 pyramid and head always start random. AdamW with warm-up and cosine decay, layer-wise
 learning-rate decay for a pretrained encoder, flips and colour jitter, gradient clipping, a
 validation mAP every ``eval_every`` steps, and checkpoints from which a killed run continues
-exactly (:mod:`edgefm.training`). The final weights are saved with safetensors.
+exactly (:mod:`edgefm.tools.training`). The final weights are saved with safetensors.
 """
 
 from __future__ import annotations
@@ -30,11 +30,19 @@ from edgefm.config import WEIGHTS_ENV, BackboneConfig, DetectorConfig, FinetuneC
 from edgefm.data import DetectionDataset, ensure_dataset
 from edgefm.data.coco import CocoDetection
 from edgefm.data.transforms import detection_transforms
-from edgefm.evaluate import evaluate_split
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.models.detector import Detector
 from edgefm.models.vit import load_mae_backbone, random_mae_backbone
-from edgefm.training import CheckpointError, Schedule, StepData, TrainState, fit, resolve_device, save_weights
+from edgefm.tools.evaluate import evaluate_split, torch_runner
+from edgefm.tools.training import (
+    CheckpointError,
+    Schedule,
+    StepData,
+    TrainState,
+    fit,
+    resolve_device,
+    save_weights,
+)
 
 WEIGHTS = "model.safetensors"
 INITS = ("mae", "random")
@@ -74,19 +82,6 @@ def label_subset(count: int, fraction: float, seed: int) -> torch.Tensor:
     """The first ``fraction`` of a seeded permutation: nested subsets across fractions."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[: max(1, round(fraction * count))]
-
-
-def torch_runner(model: torch.nn.Module):
-    """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out), on
-    whichever device the model is."""
-
-    @torch.no_grad()
-    def run(images):
-        model.eval()
-        device = next(model.parameters()).device
-        return tuple(o.float().cpu().numpy() for o in model(torch.from_numpy(images).to(device)))
-
-    return run
 
 
 def finetune(cfg: FinetuneConfig, backbone: BackboneConfig, dataset: DetectionDataset, work: Path,
@@ -145,7 +140,7 @@ class Finetuned:
         its weights' hash (a folder name would survive new weights)."""
         if not self.shipped:
             return self.path.name
-        from edgefm.pretrain import fingerprint
+        from edgefm.stages.pretrain import fingerprint
 
         return f"shipped-{fingerprint(str(self.path))[:12]}"
 
@@ -204,7 +199,7 @@ def finetune_key(profile: Profile, cfg: FinetuneConfig, progress: bool = True) -
     key: dict = {"finetune": cfg, "data": profile.data, "backbone": profile.pretrain.backbone}
     if cfg.init != "mae":
         return key, None
-    from edgefm.pretrain import ensure_pretrained, fingerprint, resolve_weights
+    from edgefm.stages.pretrain import ensure_pretrained, fingerprint, resolve_weights
 
     if profile.pretrain.weights:  # named weights: the profile's own (illustrative) run is not needed
         source = resolve_weights(profile.pretrain.weights)

@@ -1,7 +1,7 @@
 """Model A measured: the machine, its GEMM ceiling, and where A's time and FLOPs go, per block.
 
 This is the reference every later variant is compared with. The profile times each block of one
-batch-1 forward pass with hooks (:func:`~edgefm.bench.block_times`) and counts its FLOPs with
+batch-1 forward pass with hooks (:func:`~edgefm.tools.bench.block_times`) and counts its FLOPs with
 ``torch.utils.flop_counter``; achieved GFLOP/s against the FP32 ceiling says which blocks run
 near the hardware's limit and which are held back by memory traffic or overheads.
 """
@@ -12,12 +12,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgefm.artifacts import write_metrics
-from edgefm.bench import benchmark, block_times, module_variant
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
-from edgefm.evaluate import evaluate_split
-from edgefm.finetune import ensure_finetuned, load_detector
 from edgefm.models.detector import Detector
+from edgefm.stages.finetune import ensure_finetuned, load_detector
+from edgefm.tools.bench import benchmark, block_times, module_variant
+from edgefm.tools.evaluate import evaluate_split
 
 
 def detector_blocks(model: Detector) -> dict[str, torch.nn.Module]:

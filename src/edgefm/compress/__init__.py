@@ -1,1 +1,0 @@
-"""Making model A smaller: structured pruning and knowledge distillation (issue: model B)."""
