@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -31,9 +32,7 @@ BOOTSTRAP = 1000  # resamples of the eval images behind every interval the book 
 
 def torch_runner(model) -> RunModel:
     """Wrap a PyTorch detector as :data:`edgefm.runtime.RunModel` (NumPy in, NumPy out), on
-    whichever device the model is. (torch is imported here, not above: this module also serves
-    the torch-free run under an emulated CPU, :mod:`edgefm.tools.isa`.)"""
-    import torch
+    whichever device the model is."""
 
     @torch.no_grad()
     def run(images):
