@@ -87,7 +87,7 @@ test: setup browser
 	$(BIN)/jupyter-book --version | grep -Eq 'Jupyter Book +: +1\.' \
 		|| { echo "jupyter-book must be 1.x"; exit 1; }
 	$(BIN)/ruff check src tests book/_static book/_ext
-	$(BIN)/python -m pytest --ignore=tests/site
+	$(BIN)/python -m pytest -n auto --ignore=tests/site
 	$(MAKE) book-smoke
 	EDGEFM_SITE=_build/smoke/_build/html EDGEFM_SCREENSHOTS=_build/screenshots \
 		$(BIN)/python -m pytest tests/site
