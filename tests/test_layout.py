@@ -1,5 +1,5 @@
 """The package layout reads the flow one way: stages build only on earlier stages, tools on no
-stage, and the deployed path (``edgefm.runtime``) imports no PyTorch."""
+stage, the deployed path (``edgefm.runtime``) imports no PyTorch, and one loop trains."""
 
 import ast
 from pathlib import Path
@@ -51,3 +51,10 @@ def test_the_deployed_path_imports_no_pytorch(module):
     heavy = {m for m in imported(PACKAGE / module)
              if m.split(".")[0] == "torch" or m.startswith(("edgefm.tools", "edgefm.stages"))}
     assert not heavy
+
+
+def test_one_module_steps_an_optimiser():
+    """Every stage trains through the one training loop, so only it calls ``zero_grad``."""
+    stepping = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                if ".zero_grad(" in p.read_text(encoding="utf-8")}
+    assert stepping == {"tools/training.py"}

@@ -4,7 +4,7 @@ A reader about to run the ``full`` profile (ViT-B at 512 px) wants to know what 
 and roughly what it costs, without downloading the hub weights or building any data. The plan
 lists every stage with the settings that size it and the images it trains on; the cost is bounded
 by model A's: the detector is built with random weights (no download), its FLOPs per image are
-counted, one training step is timed on this machine's CPU, and every trained image is priced at
+counted, one step of the training loop is timed on this machine's CPU, and every trained image is priced at
 A's cost. Students, the peer and MAE pretraining (a quarter of the tokens) cost less per image
 than A, so the estimate is an upper bound; a GPU divides it by the ratio of the two machines'
 throughputs, which the plan cannot know.
@@ -12,8 +12,10 @@ throughputs, which the plan cannot know.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,7 @@ from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.stages.finetune import build_detector
 from edgefm.stages.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
 from edgefm.tools.bench import count_flops
+from edgefm.tools.training import Schedule, StepData, fit
 
 
 @dataclass(frozen=True)
@@ -118,24 +121,26 @@ def stages(profile: Profile) -> list[PlannedStage]:
 
 def a_cost(profile: Profile, batch: int = 4) -> dict:
     """Model A's FLOPs per image (forward) and the seconds one trained image takes on this
-    machine's CPU, from one timed training step of ``batch`` images (at most the recipe's) after
-    one untimed. A busy machine inflates the time: plan on an idle one."""
+    machine's CPU: a step of ``batch`` images (at most the recipe's) of the training loop itself
+    (:func:`~edgefm.tools.training.fit`: the recipe's clipping, its checkpoint in a temporary
+    folder), timed after an untimed one. A busy machine inflates the time: plan on an idle one."""
     cfg = profile.finetune
     batch = min(batch, cfg.batch_size)
     model = build_detector(cfg.detector, profile.pretrain.backbone, num_classes=1)
     flops = count_flops(model, cfg.detector.image_size)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size = cfg.detector.image_size
     box = {"boxes": torch.tensor([[size / 4, size / 4, size / 2, size / 2]]), "labels": torch.tensor([0])}
-    images, targets = EncodeTargets(1, model.stride)([(torch.rand(3, size, size), box)] * batch)
-    seconds = []
-    for _ in range(2):
-        start = time.perf_counter()
-        loss = centernet_loss(model(images), targets, model.stride)["total"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        seconds.append(time.perf_counter() - start)
+    data = StepData([(torch.rand(3, size, size), box)] * batch, batch, seed=0,
+                    collate=EncodeTargets(1, model.stride))
+    starts: list[float] = []  # when each step began: the second step is the timed one
+
+    def loss(model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return centernet_loss(model(images), targets, model.stride)
+
+    with tempfile.TemporaryDirectory() as folder:
+        fit(model, torch.optim.AdamW(model.parameters(), lr=1e-4), loss, data,
+            Schedule(3, 0, cfg.grad_clip, checkpoint_every=3), Path(folder) / "checkpoint.pt", device="cpu",
+            workers=0, before_step=lambda step: starts.append(time.perf_counter()), progress=False)
     return {"flops_per_image": flops, "params": sum(p.numel() for p in model.parameters()),
-            "cpu_seconds_per_image": seconds[-1] / batch}
+            "cpu_seconds_per_image": (starts[2] - starts[1]) / batch}
