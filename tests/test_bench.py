@@ -64,8 +64,9 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
 
 
 class SlowAfterIdle(Variant):
-    """A stand-in model that takes 1 ms, or 6 ms when it has been idle for over 5 ms: it counts the
-    runs it is given, so the test sees how the harness turns them into timings."""
+    """A stand-in model that takes 2 ms, or 20 ms when it has been idle for over 15 ms: it counts the
+    runs it is given, so the test sees how the harness turns them into timings. (Gaps this wide
+    keep it deterministic on a machine busy with other tests.)"""
 
     calls = 0
 
@@ -74,8 +75,8 @@ class SlowAfterIdle(Variant):
 
         def run(images):
             type(self).calls += 1
-            idle = time.perf_counter() - last[0] > 5e-3
-            time.sleep(6e-3 if idle else 1e-3)
+            idle = time.perf_counter() - last[0] > 15e-3
+            time.sleep(20e-3 if idle else 2e-3)
             last[0] = time.perf_counter()
             return (images,)
 
@@ -84,21 +85,21 @@ class SlowAfterIdle(Variant):
 
 def test_latencies_time_back_to_back_runs_and_report_the_first_after_a_pause_apart():
     SlowAfterIdle.calls = 0
-    settings = BenchConfig(runs=6, warmup=2, burst=3, pause_ms=10)
+    settings = BenchConfig(runs=6, warmup=2, burst=3, pause_ms=40)
     timing = latencies([SlowAfterIdle("m")], 8, 1, settings)["m"]
     assert SlowAfterIdle.calls == 2 + 2 * (3 + 1)  # warm-up, then 2 turns of 1 untimed + 3 timed
-    assert timing["median_ms"] < 4 < timing["after_idle_ms"]
-    paused = latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(runs=4, warmup=1, burst=1, pause_ms=10))["m"]
-    assert paused["after_idle_ms"] > 4 > paused["median_ms"]  # burst 1: every after-idle run follows a pause
+    assert timing["median_ms"] < 11 < timing["after_idle_ms"]
+    paused = latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(runs=4, warmup=1, burst=1, pause_ms=40))["m"]
+    assert paused["after_idle_ms"] > 11 > paused["median_ms"]  # burst 1: every after-idle run follows a pause
 
 
 def test_camera_frames_arrive_at_the_frame_rate_and_pay_the_wake_up():
     SlowAfterIdle.calls = 0
     started = time.perf_counter()
-    ms = camera_latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(camera_fps=50, camera_frames=5))["m"]
+    ms = camera_latencies([SlowAfterIdle("m")], 8, 1, BenchConfig(camera_fps=20, camera_frames=5))["m"]
     assert SlowAfterIdle.calls == 1 + 5  # one untimed run, then the frames
-    assert time.perf_counter() - started >= 4 * 0.02  # each frame starts a 20 ms period after the last
-    assert ms > 4  # every frame follows an idle gap: the slow case, unlike back-to-back runs
+    assert time.perf_counter() - started >= 4 * 0.05  # each frame starts a 50 ms period after the last
+    assert ms > 11  # every frame follows an idle gap: the slow case, unlike back-to-back runs
 
 
 def test_operator_profile_attributes_the_time_to_operator_types(tmp_path):

@@ -12,6 +12,7 @@ throughputs, which the plan cannot know.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -119,11 +120,16 @@ def stages(profile: Profile) -> list[PlannedStage]:
     ]
 
 
+class _Timed(Exception):
+    """Raised as the third step begins: the timed step is over, and nothing more is needed."""
+
+
 def a_cost(profile: Profile, batch: int = 4) -> dict:
     """Model A's FLOPs per image (forward) and the seconds one trained image takes on this
     machine's CPU: a step of ``batch`` images (at most the recipe's) of the training loop itself
-    (:func:`~edgefm.tools.training.fit`: the recipe's clipping, its checkpoint in a temporary
-    folder), timed after an untimed one. A busy machine inflates the time: plan on an idle one."""
+    (:func:`~edgefm.tools.training.fit`, with the recipe's clipping), timed after an untimed one;
+    the run is stopped as the third step begins, before any checkpoint is written. A busy machine
+    inflates the time: plan on an idle one."""
     cfg = profile.finetune
     batch = min(batch, cfg.batch_size)
     model = build_detector(cfg.detector, profile.pretrain.backbone, num_classes=1)
@@ -138,9 +144,14 @@ def a_cost(profile: Profile, batch: int = 4) -> dict:
         images, targets = batch
         return centernet_loss(model(images), targets, model.stride)
 
-    with tempfile.TemporaryDirectory() as folder:
+    def before_step(step: int) -> None:
+        starts.append(time.perf_counter())
+        if step == 2:
+            raise _Timed
+
+    with tempfile.TemporaryDirectory() as folder, contextlib.suppress(_Timed):
         fit(model, torch.optim.AdamW(model.parameters(), lr=1e-4), loss, data,
             Schedule(3, 0, cfg.grad_clip, checkpoint_every=3), Path(folder) / "checkpoint.pt", device="cpu",
-            workers=0, before_step=lambda step: starts.append(time.perf_counter()), progress=False)
+            workers=0, before_step=before_step, progress=False)
     return {"flops_per_image": flops, "params": sum(p.numel() for p in model.parameters()),
             "cpu_seconds_per_image": (starts[2] - starts[1]) / batch}
