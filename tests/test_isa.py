@@ -17,6 +17,8 @@ def test_features_and_vnni_are_read_from_flags():
                         "amx_int8": False}
     assert isa.has_vnni(features) and not isa.has_vnni(isa.isa({"avx2", "fma"}))
     assert isa.has_vnni(isa.isa({"avx2", "avx_vnni"}))  # the AVX-VNNI of Alder Lake and later
+    assert isa.avx2_only(isa.isa({"avx2", "fma"})) and not isa.avx2_only(features)
+    assert not isa.avx2_only(isa.isa(set()))  # no AVX2 at all (another architecture): not such a CPU
     assert isa.SAFE_WEIGHT_PEAK == 64 and 2 * 255 * 64 <= isa.PAIR_SUM_LIMIT < 2 * 255 * 65
 
 

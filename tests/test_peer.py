@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -19,7 +20,6 @@ from edgefm.stages.peer import (
     ensure_peer,
     load_peer,
     peer_collate,
-    peer_key,
     ship_peer,
     shipped_peer,
     train_peer,
@@ -106,7 +106,7 @@ def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, 
     shipped = ship_peer("smoke")
     assert (shipped / "made_by.json").is_file() and (shipped / "model.safetensors").is_file()
     # a build with the shipped peer trains nothing and gets the same weights
-    folder = module.stage_dir("smoke", "peer", peer_key(load_profile("smoke")))
+    folder = Path(results["folder"])  # the stage's cached result, removed to build it again
     shutil.rmtree(folder)
     real_train = module.train_peer
 

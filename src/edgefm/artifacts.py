@@ -218,6 +218,13 @@ def ensure_dir(target: Path, build: Callable[[Path], None], config: object = Non
     return target
 
 
+def stage_results(profile: str, stage: str, key: object, build: Callable[[Path], None]) -> tuple[dict, Path]:
+    """A stage's ``results.json`` and its folder: built once by ``build(work)`` into the folder
+    keyed by ``key`` (:func:`stage_dir`, :func:`ensure_dir`), read from there ever after."""
+    target = ensure_dir(stage_dir(profile, stage, key), build, config=key)
+    return json.loads((target / "results.json").read_text(encoding="utf-8")), target
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path`` with the

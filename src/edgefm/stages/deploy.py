@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.artifacts import atomic_path, atomic_write_json, stage_results, write_metrics
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -299,9 +299,8 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
                 "peer": Path(ensure_peer(profile, progress)["folder"]).name}
     key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
            "agreement_images": profile.agreement_images}
-    target = stage_dir(profile.name, "deployment", key)
-    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
-    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results, target = stage_results(profile.name, "deployment", key,
+                                    lambda work: _build(work, profile, progress))
     results.update(folder=str(target), bundle_folder=str(target / "bundle"))
     write_metrics(profile.name, "deployment", results)
     write_metrics(profile.name, "summary", summary(results))

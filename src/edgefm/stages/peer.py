@@ -36,7 +36,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from edgefm.artifacts import atomic_write_json, ensure_dir, plain, stage_dir, write_metrics
+from edgefm.artifacts import atomic_write_json, plain, stage_results, write_metrics
 from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -185,9 +185,8 @@ def ensure_peer(profile: Profile | str | None = None, progress: bool = True) -> 
     ``metrics/peer.json``; returns the results with ``folder``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     key = peer_key(profile)
-    target = stage_dir(profile.name, "peer", key)
-    ensure_dir(target, lambda work: _build(work, profile, key, progress), config=key)
-    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results, target = stage_results(profile.name, "peer", key,
+                                    lambda work: _build(work, profile, key, progress))
     results["folder"] = str(target)
     write_metrics(profile.name, "peer", results)
     return results

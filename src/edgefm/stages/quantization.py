@@ -12,7 +12,6 @@ INT8 file computes on a CPU without VNNI (:mod:`edgefm.tools.isa`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from edgefm.artifacts import atomic_write_json, ensure_dir, stage_dir, write_metrics
+from edgefm.artifacts import atomic_write_json, stage_results, write_metrics
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
@@ -169,9 +168,8 @@ def ensure_quantization(profile: Profile | str | None = None, progress: bool = T
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
     key = {"quantize": profile.quantize, "model_a": trained.identity, "data": profile.data}
-    target = stage_dir(profile.name, "quantization", key)
-    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
-    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results, target = stage_results(profile.name, "quantization", key,
+                                    lambda work: _build(work, profile, progress))
     results["folder"] = str(target)
     write_metrics(profile.name, "quantization", results)
     return results

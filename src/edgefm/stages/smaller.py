@@ -45,6 +45,7 @@ from edgefm.artifacts import (
     plain,
     project_root,
     stage_dir,
+    stage_results,
     stage_versions,
     write_metrics,
 )
@@ -371,9 +372,8 @@ def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
     key = {"smaller": profile.smaller, "model_a": trained.identity, "data": profile.data}
-    target = stage_dir(profile.name, "smaller", key)
-    ensure_dir(target, lambda work: _build(work, profile, progress), config=key)
-    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results, target = stage_results(profile.name, "smaller", key,
+                                    lambda work: _build(work, profile, progress))
     records = results["bench"]["variants"]
     metrics = {**results, "variants": records, "b": "B",
                "b_record": next(r for r in records if r["name"] == "B"), "folder": str(target)}

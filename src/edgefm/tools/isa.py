@@ -57,6 +57,12 @@ def has_vnni(features: dict[str, bool]) -> bool:
     return any(features.get(flag) for flag in VNNI_FLAGS)
 
 
+def avx2_only(features: dict[str, bool]) -> bool:
+    """Whether a CPU with ``features`` is itself one without VNNI (AVX2, no VNNI): what its INT8
+    models compute there is what every such CPU computes, measured natively."""
+    return bool(features.get("avx2")) and not has_vnni(features)
+
+
 def can_compare() -> bool:
     """Whether this machine can show what VNNI changes: it has VNNI itself and can emulate a CPU
     without it. (On a CPU without VNNI, the emulated CPU computes what this one does, so a
