@@ -12,6 +12,7 @@ from edgefm.artifacts import (
     config_hash,
     ensure_dir,
     read_metrics,
+    stage,
     stage_dir,
     write_metrics,
 )
@@ -137,6 +138,25 @@ def test_interrupted_build_resumes_in_the_same_folder(tmp_path):
     assert seen == [[], ["part1.txt"]]  # the second run found the first run's work
     assert sorted(p.name for p in target.iterdir()) == ["part1.txt", "part2.txt"]
     assert [p.name for p in target.parent.iterdir()] == ["key"]
+
+
+def test_stage_computes_once_and_always_hands_back_its_json():
+    calls = []
+
+    def build(work):
+        calls.append(work)
+        (work / "model.onnx").write_bytes(b"onnx")  # a file the stage makes beside its results
+        return {"map": 0.5, "shape": (2, 3)}
+
+    first = stage("smoke", "measuring", {"model_a": "x"}, build)
+    assert first["shape"] == [2, 3]  # the JSON that a cached call reads back, on the first call too
+    assert stage("smoke", "measuring", {"model_a": "x"}, build) == first and len(calls) == 1
+    folder = stage_dir("smoke", "measuring", {"model_a": "x"})
+    assert first["folder"] == str(folder) and (folder / "model.onnx").read_bytes() == b"onnx"
+    assert json.loads((folder / "config.json").read_text()) == {"model_a": "x"}
+    assert read_metrics("smoke", "measuring") == first
+    other = stage("smoke", "measuring", {"model_a": "y"}, build)
+    assert len(calls) == 2 and other["folder"] != first["folder"]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -69,12 +69,14 @@ def test_unknown_init_and_bad_weights_fail_clearly(fashion_dir, tmp_path):
         load_detector(trained)
 
 
-def test_feasibility_writes_every_required_figure(fashion_dir):
+def test_feasibility_writes_every_required_figure(fashion_dir, tmp_path, monkeypatch):
     from edgefm.artifacts import read_metrics
-    from edgefm.stages.feasibility import ensure_feasibility
+    from edgefm.stages import feasibility
+    from edgefm.stages.feasibility import ensure_feasibility, feasibility_key
 
-    ensure_feasibility("smoke", progress=False)
+    results = ensure_feasibility("smoke", progress=False)
     metrics = read_metrics("smoke", "feasibility")
+    assert metrics == results
     for role in ("a", "random"):
         figures = metrics[role]
         low, high = figures["map_ci"]
@@ -92,6 +94,16 @@ def test_feasibility_writes_every_required_figure(fashion_dir):
     assert paired["gap"] == pytest.approx(metrics["a"]["map"] - metrics["random"]["map"])
     low, high = paired["ci"]
     assert low <= high and paired["significant"] == (low > 0 or high < 0)
+    # cached: a second chapter asking for the study reads it back, nothing is re-evaluated...
+    monkeypatch.setattr(feasibility, "_build", lambda *args: pytest.fail("the study was computed again"))
+    assert ensure_feasibility("smoke", progress=False) == results
+    # ...until what it depends on changes, such as the records shipped in weights/
+    key = feasibility_key(load_profile("smoke"), progress=False)
+    records = tmp_path / "weights" / "feasibility-smoke" / "runs.json"  # EDGEFM_WEIGHTS, set by conftest
+    records.parent.mkdir(parents=True)
+    records.write_text('{"runs": {}}')
+    changed = feasibility_key(load_profile("smoke"), progress=False)
+    assert key["records"] is None and changed["records"] is not None and {**changed, "records": None} == key
 
 
 def test_a_shipped_detector_is_used_only_with_its_exact_config(fashion_dir, tmp_path, capsys):

@@ -153,6 +153,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "coco": ("edgefm.data.own",),
     "pretrain": ("edgefm.stages.pretrain",),
     "finetune": ("edgefm.stages.finetune",),
+    "measuring": ("edgefm.stages.measuring",),
+    "feasibility": ("edgefm.stages.feasibility",),
     "students": ("edgefm.tools.distill", "edgefm.tools.students"),
     "pseudo": ("edgefm.tools.pseudo",),
     "peer": ("edgefm.stages.peer",),
@@ -218,11 +220,23 @@ def ensure_dir(target: Path, build: Callable[[Path], None], config: object = Non
     return target
 
 
-def stage_results(profile: str, stage: str, key: object, build: Callable[[Path], None]) -> tuple[dict, Path]:
-    """A stage's ``results.json`` and its folder: built once by ``build(work)`` into the folder
-    keyed by ``key`` (:func:`stage_dir`, :func:`ensure_dir`), read from there ever after."""
-    target = ensure_dir(stage_dir(profile, stage, key), build, config=key)
-    return json.loads((target / "results.json").read_text(encoding="utf-8")), target
+def stage(profile: str, name: str, key: object, build: Callable[[Path], dict]) -> dict:
+    """Load or compute a stage's results: the one way every stage keeps what it computed.
+
+    ``build(work)`` computes the results (and writes any files it makes, ONNX models, a bundle,
+    into ``work``); they are kept as ``results.json`` in the folder keyed by ``key``
+    (:func:`stage_dir`, :func:`ensure_dir`) and read from there ever after, so a first build and a
+    cached one hand a chapter the same JSON data. Returned with ``folder``; recorded as
+    ``metrics/<name>.json`` for the book.
+    """
+    def build_and_keep(work: Path) -> None:
+        atomic_write_json(work / "results.json", build(work))
+
+    target = ensure_dir(stage_dir(profile, name, key), build_and_keep, config=key)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    results["folder"] = str(target)
+    write_metrics(profile, name, results)
+    return results
 
 
 @contextlib.contextmanager

@@ -314,7 +314,7 @@ def _cmd_smaller(args: argparse.Namespace) -> None:
         search = replace(search, storage=args.storage or search.storage, trials=args.trials or search.trials)
         profile = replace(profile, smaller=replace(profile.smaller, search=search))
     results = ensure_smaller(profile)
-    _print_variants(results["variants"], profile.smaller.bench.threads)
+    _print_variants(results["bench"]["variants"], profile.smaller.bench.threads)
     print(f"B: trial {results['chosen_trial']} of {len(results['trials'])}; models: {results['folder']}")
     if args.ship:
         from edgefm.stages.smaller import ship_final

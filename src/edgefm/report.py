@@ -14,6 +14,7 @@ from edgefm.tools.evaluate import gap_interval
 
 A_TORCH, A_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)"
 B_TORCH, B_ORT = "B (PyTorch FP32)", "B (ONNX Runtime FP32)"
+B_STUDY = "B"  # B among the candidates of the smaller study's benchmark (PyTorch FP32)
 C_INT8 = "C (ONNX INT8)"
 # C timed on its own, as the benchmark runs it and as a device runs it (threads spinning between frames)
 C_STOPPED, C_SPINNING = "C, threads stopped after each run", "C, threads spinning (ONNX Runtime's default)"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from edgefm.artifacts import atomic_path, atomic_write_json, stage_results, write_metrics
+from edgefm.artifacts import atomic_path, stage, write_metrics
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -135,7 +135,7 @@ def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, trai
                     study_recipe(study, recipe), calibration)
 
 
-def _build(work: Path, profile: Profile, progress: bool) -> None:
+def _build(work: Path, profile: Profile, progress: bool) -> dict:
     trained = ensure_finetuned(profile, progress=progress)
     model_a, cfg = load_detector(trained), trained.config.detector
     study, smaller = ensure_quantization(profile, progress), ensure_smaller(profile, progress)
@@ -212,7 +212,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     with atomic_path(bundle / CARD_FILE) as tmp:
         tmp.write_text(model_card(spec, c_record, a_record, report, context), encoding="utf-8")
     results["bundle_files"][CARD_FILE] = (bundle / CARD_FILE).stat().st_size
-    atomic_write_json(work / "results.json", results)
+    return results
 
 
 def _decoding(variants: list[Variant], model_a: Detector, b: Detector, peer: nn.Module) -> dict[str, dict]:
@@ -299,10 +299,8 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
                 "peer": Path(ensure_peer(profile, progress)["folder"]).name}
     key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
            "agreement_images": profile.agreement_images}
-    results, target = stage_results(profile.name, "deployment", key,
-                                    lambda work: _build(work, profile, progress))
-    results.update(folder=str(target), bundle_folder=str(target / "bundle"))
-    write_metrics(profile.name, "deployment", results)
+    results = stage(profile.name, "deployment", key, lambda work: _build(work, profile, progress))
+    results["bundle_folder"] = str(Path(results["folder"]) / "bundle")
     write_metrics(profile.name, "summary", summary(results))
     return results
 

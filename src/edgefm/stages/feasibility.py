@@ -17,6 +17,7 @@ bootstrap interval over the eval images, and every verdict compares a gap with i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -27,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefm.artifacts import artifacts_root, atomic_write_json, plain, write_metrics
+from edgefm.artifacts import artifacts_root, atomic_write_json, plain, stage
 from edgefm.config import FinetuneConfig, Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
 from edgefm.stages.finetune import (
+    WEIGHTS,
     Finetuned,
     config_differences,
     ensure_finetuned,
@@ -194,9 +196,32 @@ def _spread(records: list[dict], value) -> float | None:
     return max(values) - min(values) if len(values) >= 3 else None
 
 
+def feasibility_key(profile: Profile, progress: bool = True) -> dict:
+    """What the study's figures depend on: every run's fine-tuning key (recipe, data, MAE weights),
+    whether the profile takes runs from ``weights/``, and the content of what is shipped there
+    (the records, A's and its twin's weights): new records or weights are a new study."""
+    records = weights_root() / f"feasibility-{profile.name}" / "runs.json"
+    weights = {init: shipped_folder(profile, init) / WEIGHTS for init in ("mae", "random")}
+    return {"runs": {run.name: finetune_key(profile, run.config(profile), progress)[0]
+                     for run in (*study_runs(profile), *live_runs(profile))},
+            "shipped": profile.shipped,
+            "records": _sha256(records) if records.is_file() else None,
+            "weights": {init: _sha256(path) if path.is_file() else None for init, path in weights.items()}}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:
-    """The study's figures (see the module docstring), written to ``metrics/feasibility.json``."""
+    """The study's figures (see the module docstring): computed once per :func:`feasibility_key`,
+    written to ``metrics/feasibility.json``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    return stage(profile.name, "feasibility", feasibility_key(profile, progress),
+                 lambda work: _build(profile, progress))
+
+
+def _build(profile: Profile, progress: bool) -> dict:
     shipped = shipped_records(profile)
     found = {run.name: _record(profile, run, shipped, progress) for run in study_runs(profile)}
     records = {name: r for name, r in found.items() if r is not None}
@@ -243,7 +268,6 @@ def ensure_feasibility(profile: Profile | str | None = None, progress: bool = Tr
     metrics["mae_vs_random_paired"] = (paired_gap(samples["a"], samples["random"], a["eval"]["map"]
                                                   - records["random"]["eval"]["map"])
                                        if "random" in samples else None)
-    write_metrics(profile.name, "feasibility", metrics)
     return metrics
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgefm.artifacts import write_metrics
+from edgefm.artifacts import stage
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.models.detector import Detector
-from edgefm.stages.finetune import ensure_finetuned, load_detector
+from edgefm.stages.finetune import Finetuned, ensure_finetuned, load_detector
 from edgefm.tools.bench import benchmark, block_times, module_variant
 from edgefm.tools.evaluate import evaluate_split
 
@@ -38,10 +38,7 @@ def block_flops(model: Detector, blocks: dict[str, torch.nn.Module], image_size:
             for name, block in blocks.items()}
 
 
-def ensure_measuring(profile: Profile | str | None = None, progress: bool = True) -> dict:
-    """Benchmark A alone (with the ceiling and the machine), profile it per block, write the metrics."""
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    trained = ensure_finetuned(profile, progress=progress)
+def _build(profile: Profile, trained: Finetuned) -> dict:
     model, cfg = load_detector(trained), trained.config.detector
     size, settings = cfg.image_size, profile.quantize.bench
     variant = module_variant(model, size)
@@ -57,5 +54,13 @@ def ensure_measuring(profile: Profile | str | None = None, progress: bool = True
         for name in (*blocks, "other")
     ]
     results["total_ms"] = {f"{t}t": profiles[t]["total"] for t in settings.threads}
-    write_metrics(profile.name, "measuring", results)
     return results
+
+
+def ensure_measuring(profile: Profile | str | None = None, progress: bool = True) -> dict:
+    """Benchmark A alone (with the ceiling and the machine) and profile it per block; cached, like
+    every timing of the book, under A's identity and the benchmark's settings; writes the metrics."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    trained = ensure_finetuned(profile, progress=progress)
+    key = {"bench": profile.quantize.bench, "model_a": trained.identity, "data": profile.data}
+    return stage(profile.name, "measuring", key, lambda work: _build(profile, trained))

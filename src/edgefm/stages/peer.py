@@ -36,7 +36,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from edgefm.artifacts import atomic_write_json, plain, stage_results, write_metrics
+from edgefm.artifacts import atomic_write_json, plain, stage
 from edgefm.config import DetectorConfig, PeerConfig, Profile, load_profile
 from edgefm.data import DetectionDataset, ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -185,11 +185,7 @@ def ensure_peer(profile: Profile | str | None = None, progress: bool = True) -> 
     ``metrics/peer.json``; returns the results with ``folder``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     key = peer_key(profile)
-    results, target = stage_results(profile.name, "peer", key,
-                                    lambda work: _build(work, profile, key, progress))
-    results["folder"] = str(target)
-    write_metrics(profile.name, "peer", results)
-    return results
+    return stage(profile.name, "peer", key, lambda work: _build(work, profile, key, progress))
 
 
 def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None:
@@ -211,7 +207,7 @@ def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None
     return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
 
 
-def _build(work: Path, profile: Profile, key: dict, progress: bool) -> None:
+def _build(work: Path, profile: Profile, key: dict, progress: bool) -> dict:
     dataset, detector = ensure_dataset(profile), profile.finetune.detector
     classes = CocoDetection(dataset.train).class_names
     state = _shipped_state(profile, key, work)
@@ -226,13 +222,13 @@ def _build(work: Path, profile: Profile, key: dict, progress: bool) -> None:
     export_onnx(network, work / ONNX_FILE, detector.image_size)
     flops, cfg = count_flops(network, detector.image_size), profile.peer
     metrics = evaluate_peer(model, dataset.eval, detector, bootstrap=BOOTSTRAP)
-    atomic_write_json(work / "results.json", {
+    return {
         "eval": metrics, "val_curve": [[e["step"], e["map"]] for e in state.evals], "steps": state.step,
         "train_seconds": state.seconds, "train_images": state.step * cfg.batch_size,
         "train_flops": training_flops(flops, state.step * cfg.batch_size), "flops": flops,
         "params": sum(p.numel() for p in model.parameters()), "classes": classes,
         "shipped": shipped, "retrace": retraced,
-        "ship_command": SHIP_COMMAND.format(profile=profile.name)})
+        "ship_command": SHIP_COMMAND.format(profile=profile.name)}
 
 
 def retrace(profile: Profile, dataset: DetectionDataset, shipped: TrainState, work: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from edgefm.artifacts import atomic_write_json, stage_results, write_metrics
+from edgefm.artifacts import stage
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection
@@ -76,7 +76,7 @@ def sensitivity_scan(exported: Path, prepared: Path, work: Path, groups: list[st
     return scan
 
 
-def _build(work: Path, profile: Profile, progress: bool) -> None:
+def _build(work: Path, profile: Profile, progress: bool) -> dict:
     trained = ensure_finetuned(profile, progress=progress)
     model, cfg = load_detector(trained), trained.config.detector
     dataset = ensure_dataset(profile)
@@ -140,7 +140,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                           avx2=None if agreement is None else agreement[str(variant.onnx)],
                           val_map=val[variant.name], val_map_drop=val[model_a.name] - val[variant.name])
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
-    atomic_write_json(work / "results.json", {
+    return {
         **results,
         "recipes": [asdict(r) for r in recipes],
         "files": {v.name: v.onnx.name for v in variants if v.onnx is not None},
@@ -160,7 +160,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
                 "lr": settings.qat.lr, "batch_size": settings.qat.batch_size,
                 "control_losses": control_state.losses},
-    })
+    }
 
 
 def ensure_quantization(profile: Profile | str | None = None, progress: bool = True) -> dict:
@@ -168,9 +168,5 @@ def ensure_quantization(profile: Profile | str | None = None, progress: bool = T
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
     key = {"quantize": profile.quantize, "model_a": trained.identity, "data": profile.data}
-    results, target = stage_results(profile.name, "quantization", key,
-                                    lambda work: _build(work, profile, progress))
-    results["folder"] = str(target)
-    write_metrics(profile.name, "quantization", results)
-    return results
+    return stage(profile.name, "quantization", key, lambda work: _build(work, profile, progress))
 

@@ -44,16 +44,16 @@ from edgefm.artifacts import (
     ensure_dir,
     plain,
     project_root,
+    stage,
     stage_dir,
-    stage_results,
     stage_versions,
-    write_metrics,
 )
 from edgefm.config import MODES, DistillWeights, Profile, StudentConfig, StudentTraining, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.models.detector import Detector
+from edgefm.report import B_STUDY
 from edgefm.stages.finetune import ensure_finetuned, load_detector, weights_root
 from edgefm.tools.bench import benchmark, camera_latencies, module_variant
 from edgefm.tools.distill import train_student
@@ -300,7 +300,7 @@ def _arms(found: Candidates, models: dict, a_val: float) -> dict:
             "pool": found.pool()[1] if "pool" in modes else None}
 
 
-def _build(work: Path, profile: Profile, progress: bool) -> None:
+def _build(work: Path, profile: Profile, progress: bool) -> dict:
     settings = profile.smaller
     found = Candidates(profile, progress, check_shipped=True)
     size = found.detector.image_size
@@ -343,9 +343,9 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
                        name=study_name(profile, found.model_a))
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
-    b_spec = from_params(settings.search_start, chosen, "B")
+    b_spec = from_params(settings.search_start, chosen, B_STUDY)
     model, state = found.trained(b_spec, settings.final)
-    models["B"] = model
+    models[B_STUDY] = model
     control, control_state = found.trained(continued(), settings.final)
     models[f"A continued, {settings.final.steps} steps"] = control
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
@@ -364,7 +364,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> None:
     results["bench"] = benchmark(
         variants, size, settings.bench,
         lambda v: evaluate_split(v.runner(2), split, found.detector, v.module.stride))
-    atomic_write_json(work / "results.json", results)
+    return results
 
 
 def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) -> dict:
@@ -372,13 +372,7 @@ def ensure_smaller(profile: Profile | str | None = None, progress: bool = True) 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trained = ensure_finetuned(profile, progress=progress)
     key = {"smaller": profile.smaller, "model_a": trained.identity, "data": profile.data}
-    results, target = stage_results(profile.name, "smaller", key,
-                                    lambda work: _build(work, profile, progress))
-    records = results["bench"]["variants"]
-    metrics = {**results, "variants": records, "b": "B",
-               "b_record": next(r for r in records if r["name"] == "B"), "folder": str(target)}
-    write_metrics(profile.name, "smaller", metrics)
-    return metrics
+    return stage(profile.name, "smaller", key, lambda work: _build(work, profile, progress))
 
 
 def load_b(profile: Profile | str | None = None) -> Detector:
