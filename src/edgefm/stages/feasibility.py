@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefm.artifacts import artifacts_root, atomic_write_json, plain, stage
+from edgefm.artifacts import artifacts_root, atomic_write_json, plain, stage, stage_dir
 from edgefm.config import FinetuneConfig, Profile, load_profile
 from edgefm.data import CocoSplit, ensure_dataset
 from edgefm.stages.finetune import (
@@ -197,14 +197,17 @@ def _spread(records: list[dict], value) -> float | None:
 
 
 def feasibility_key(profile: Profile, progress: bool = True) -> dict:
-    """What the study's figures depend on: every run's fine-tuning key (recipe, data, MAE weights),
-    whether the profile takes runs from ``weights/``, and the content of what is shipped there
-    (the records, A's and its twin's weights): new records or weights are a new study."""
+    """What the study's figures depend on: every run's fine-tuning result (its folder's name: recipe,
+    data, MAE weights, fine-tuning code version), the dataset it is scored on, whether the profile
+    takes runs from ``weights/``, and the content of what is shipped there (the records, A's and
+    its twin's weights): new records or weights are a new study."""
     records = weights_root() / f"feasibility-{profile.name}" / "runs.json"
     weights = {init: shipped_folder(profile, init) / WEIGHTS for init in ("mae", "random")}
-    return {"runs": {run.name: finetune_key(profile, run.config(profile), progress)[0]
-                     for run in (*study_runs(profile), *live_runs(profile))},
-            "shipped": profile.shipped,
+    runs = (*study_runs(profile), *live_runs(profile))
+    return {"runs": {run.name: stage_dir(profile.name, "finetune", finetune_key(profile, run.config(profile),
+                                                                                progress)[0]).name
+                     for run in runs},
+            "dataset": ensure_dataset(profile).root.name, "shipped": profile.shipped,
             "records": _sha256(records) if records.is_file() else None,
             "weights": {init: _sha256(path) if path.is_file() else None for init, path in weights.items()}}
 
