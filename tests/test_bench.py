@@ -9,6 +9,7 @@ from PIL import Image
 from edgefm.cli import main
 from edgefm.config import BenchConfig
 from edgefm.stages.measuring import block_flops, detector_blocks
+from edgefm.tools import bench
 from edgefm.tools.bench import (
     Variant,
     benchmark,
@@ -20,7 +21,7 @@ from edgefm.tools.bench import (
     operator_profile,
     peak_memory,
 )
-from edgefm.tools.export import export_onnx
+from edgefm.tools.export import export_onnx, node_scopes
 from test_detector import tiny_detector
 
 FIELDS = {"name", "format", "precision", "map", "map50", "latency_ms_1t", "latency_ms_2t",
@@ -110,6 +111,20 @@ def test_operator_profile_attributes_the_time_to_operator_types(tmp_path):
     assert {"MatMul", "Conv"} & set(profile["ms_by_op_type"]) and profile["integer_products_ms"] == 0  # FP32
     times = list(profile["ms_by_op_type"].values())
     assert times == sorted(times, reverse=True)
+    assert profile["ms_by_part"] is None  # no scopes given
+    # with the exporter's scopes, to the two halves of the detector, fused kernels included
+    halves = operator_profile(path, 64, threads=1, runs=4, scopes=node_scopes(path))["ms_by_part"]
+    assert set(halves) == {bench.ENCODER, bench.NECK} and all(ms > 0 for ms in halves.values())
+
+
+def test_kernels_count_for_the_half_of_the_detector_they_run_in():
+    scopes = {"node_Conv_1": "backbone.vit.patch_embed.proj", "node_MatMul_2": "backbone.vit.blocks.0.attn",
+              "node_Conv_3": "pyramid.levels.0", "node_Conv_4": "head.box.0", "node_sub": ""}
+    names = ["node_sub", "conv2d_nchwc", "node_Conv_1", "node_MatMul_2/MatMulScaleFusion/",
+             "SkipLayerNormalization", "node_Conv_3", "node_upsample", "relu_nchwc", "node_Conv_4"]
+    encoder, neck = bench.ENCODER, bench.NECK
+    assert bench._parts_of_kernels(names, scopes) == [encoder] * 5 + [neck] * 4
+    assert bench.detector_part("backbone.net.stages.1") == encoder  # a CNN student's backbone too
 
 
 def test_machine_names_the_cpu_and_versions():

@@ -9,6 +9,8 @@ deploy (:func:`peer_format`, chosen on val) and whether C beats it (:func:`peer_
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from edgefm.targets import TARGETS, Check
 from edgefm.tools.evaluate import gap_interval
 
@@ -33,6 +35,38 @@ def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> 
     return [{"target": c.target.describe(), "origin": c.target.origin, "metric": c.target.metric,
              "comparison": c.target.comparison, "threshold": c.target.threshold, "value": c.value,
              "interval": c.interval, "verdict": c.verdict, "met": c.verdict == "met"} for c in checks]
+
+
+def speedup_factors(records: dict[str, dict]) -> dict[str, float]:
+    """C's speed-up over A at camera rate on 2 threads, split into its three factors, which
+    multiply to it: the runtime (A in ONNX Runtime FP32 against A in PyTorch), the architecture
+    (B against A, both in ONNX Runtime FP32) and INT8 (C against B in ONNX Runtime)."""
+    ms = {name: records[name]["latency_camera_ms_2t"] for name in (A_TORCH, A_ORT, B_ORT, C_INT8)}
+    return {"runtime": ms[A_TORCH] / ms[A_ORT], "architecture": ms[A_ORT] / ms[B_ORT],
+            "INT8": ms[B_ORT] / ms[C_INT8]}
+
+
+def targets_by_model(checks: Iterable[Check]) -> dict[str, dict]:
+    """Per model, the targets it met and those it did not (not met, or not shown by the interval),
+    by description: a step of the book worked when it met every target set for it, whatever was
+    expected of it."""
+    by_model: dict[str, dict] = {}
+    for check in checks:
+        entry = by_model.setdefault(check.target.model, {"met": [], "not_met": []})
+        entry["met" if check.verdict == "met" else "not_met"].append(check.target.describe())
+    return by_model
+
+
+def targets_phrase(entry: dict) -> str:
+    """An entry of :func:`targets_by_model` in words, e.g. "met all 3 of its targets" or "did not
+    meet 1 of its 3 targets (mAP drop vs A <= 0.01)"."""
+    met, not_met = entry["met"], entry["not_met"]
+    total = len(met) + len(not_met)
+    if not not_met:
+        return "met its target" if total == 1 else f"met all {total} of its targets"
+    which = "; ".join(not_met)
+    return (f"did not meet its target ({which})" if total == 1
+            else f"did not meet {len(not_met)} of its {total} targets ({which})")
 
 
 def peer_format(formats: dict[str, dict]) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from edgefm.artifacts import atomic_path, stage, write_metrics
+from edgefm.artifacts import atomic_path, atomic_write_json, stage, write_metrics
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -71,7 +71,7 @@ from edgefm.tools.bundle import (
     write_bundle,
 )
 from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval
-from edgefm.tools.export import export_onnx, op_counts
+from edgefm.tools.export import export_onnx, node_scopes, op_counts
 from edgefm.tools.isa import EMULATED_CPU, SAFE_WEIGHT_PEAK, avx2_agreement, evaluate_on_avx2, weight_peak
 from edgefm.tools.qat import fold_weight_quantizers, freeze, prepare_qat, qat_finetune
 from edgefm.tools.quantize import CalibrationScenes, QuantRecipe, preprocess, quantize
@@ -121,15 +121,18 @@ def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, trai
                     profile: Profile, progress: bool, name: str = "c") -> Path:
     """``model`` in INT8 the way the study's ``recipe`` made A's variant (``work/<name>.onnx``): a
     QAT fine-tune with A's settings (a :class:`Detector` only), or a post-training recipe
-    calibrated on the same number of train scenes."""
+    calibrated on the same number of train scenes. The module scopes of the model as exported,
+    which quantizing drops, are kept beside it (``<name>-scopes.json``) for its profile."""
     size = profile.finetune.detector.image_size
     if recipe == QAT:
         qat_model = prepare_qat(model)
         scenes = CocoDetection(train, detection_transforms(size, train=True))
         qat_finetune(qat_model, scenes, profile.quantize.qat, work, progress)
         exported = export_onnx(freeze(qat_model), work / f"{name}.onnx", size, dynamic_batch=False)
+        atomic_write_json(work / f"{name}-scopes.json", node_scopes(exported))
         return fold_weight_quantizers(exported)
     exported = export_onnx(model, work / f"{name}-fp32.onnx", size)
+    atomic_write_json(work / f"{name}-scopes.json", node_scopes(exported))
     calibration = CalibrationScenes(train, size, profile.quantize.calibration_scenes)
     return quantize(exported, preprocess(exported, work / f"{name}-fp32-pre.onnx"), work / f"{name}.onnx",
                     study_recipe(study, recipe), calibration)
@@ -183,8 +186,10 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     results["peer"].update(recipe=peer_recipe, int8_operators=runtime_operators(peer_int8))
     c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval,
                                                   profile.quantize.bench.runs)
+    scopes = {B_ORT: node_scopes(work / "b-fp32.onnx"),
+              C_INT8: json.loads((work / "c-scopes.json").read_text(encoding="utf-8"))}
     results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,
-                                                  runs=profile.quantize.bench.runs)
+                                                  runs=profile.quantize.bench.runs, scopes=scopes[name])
                            for name in (B_ORT, C_INT8)}
     report = targets_report(a_record, c_record, results["map_drop_ci"])
     # each timed on its own: A, C as the benchmark runs it, and C as a device runs it

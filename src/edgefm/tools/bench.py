@@ -242,10 +242,47 @@ def runtime_operators(model: Path) -> dict[str, dict[str, int]]:
             "float": {op: n for op, n in counts.items() if op not in int8 and op not in conversions}}
 
 
-def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int = 20) -> dict:
+ENCODER, NECK = "encoder", "pyramid and head"
+
+
+def detector_part(scope: str) -> str | None:
+    """The half of a detector a module path belongs to: its encoder (``backbone...``) or the
+    pyramid and head above it; None for the detector's own top-level operations."""
+    root = scope.split(".")[0]
+    return ENCODER if root == "backbone" else NECK if root in ("pyramid", "head") else None
+
+
+def _parts_of_kernels(names: list[str], scopes: dict[str, str]) -> list[str]:
+    """Each kernel's half of the detector, in execution order, from the exporter's module scopes
+    (``scopes``: node name -> module). The optimiser renames what it fuses: a fused node keeps its
+    first node's name before a ``/`` (``node_MatMul_61/MatMulScaleFusion/``) or gets a new one
+    (``conv2d_nchwc``, a quantizer's ``QuantizeLinear``). Those, and top-level operations (the
+    input normalisation, the pyramid's upsampling), run among their neighbours, so they count
+    for the part of the kernel before them (the first ones: the part of the first known kernel).
+    Only two halves are told apart: a fused head convolution that follows the pyramid cannot be
+    told from the pyramid's own."""
+    known = [detector_part(scopes.get(name, scopes.get(name.split("/")[0], ""))) for name in names]
+    current = next((part for part in known if part is not None), ENCODER)
+    found = []
+    for part in known:
+        current = part or current
+        found.append(current)
+    return found
+
+
+def part_shares(profile: dict) -> dict[str, float]:
+    """The fraction of an :func:`operator_profile`'s kernel time in each half of the detector."""
+    total = sum(profile["ms_by_part"].values())
+    return {part: ms / total for part, ms in profile["ms_by_part"].items()}
+
+
+def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int = 20,
+                     scopes: dict[str, str] | None = None) -> dict:
     """Where an ONNX model's time goes, from ONNX Runtime's profiler: milliseconds per image spent
     in each operator type (after the session's graph optimisations, so fused kernels count as
-    theirs), over ``runs`` batch-1 runs after one untimed run."""
+    theirs) and, where ``scopes`` (:func:`~edgefm.tools.export.node_scopes` of the model as exported,
+    before quantization dropped them) are given, in the encoder and in the pyramid and head
+    (:func:`_parts_of_kernels`), over ``runs`` batch-1 runs after one untimed run."""
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -261,12 +298,20 @@ def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int =
         wall_ms = (time.perf_counter() - started) / runs * 1e3
         events = json.loads(Path(session.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    timed = kernels[len(kernels) // (runs + 1):]  # the untimed first run's kernels come first
+    names = [e["name"].removesuffix("_kernel_time") for e in timed]
+    per_run = len(names) // runs  # every run executes the same kernels, in the same order
+    parts = _parts_of_kernels(names[:per_run], scopes) * runs if scopes else [None] * len(names)
     per_op: dict[str, float] = {}
-    for event in kernels[len(kernels) // (runs + 1):]:  # the untimed first run's kernels come first
-        op = event["args"]["op_name"]
-        per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1e3 / runs
+    per_part: dict[str, float] = {}
+    for event, part in zip(timed, parts, strict=True):
+        op, ms = event["args"]["op_name"], event["dur"] / 1e3 / runs
+        per_op[op] = per_op.get(op, 0.0) + ms
+        if part is not None:
+            per_part[part] = per_part.get(part, 0.0) + ms
     ordered = dict(sorted(per_op.items(), key=lambda item: -item[1]))
-    return {"ms_by_op_type": ordered, "kernels_ms": sum(ordered.values()), "wall_ms": wall_ms,
+    return {"ms_by_op_type": ordered, "ms_by_part": per_part or None, "kernels_ms": sum(ordered.values()),
+            "wall_ms": wall_ms,
             "integer_products_ms": sum(ms for op, ms in ordered.items() if op in INTEGER_PRODUCTS),
             "threads": threads, "runs": runs}
 
