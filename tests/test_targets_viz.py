@@ -47,3 +47,27 @@ def test_draw_boxes_adds_one_patch_and_label_per_box():
     assert len(ax.patches) == 2
     assert [t.get_text() for t in ax.texts] == ["cat 0.90", "dog 0.50"]
     plt.close(fig)
+
+
+def test_each_step_is_judged_by_all_of_its_targets():
+    from edgefm.report import targets_by_model, targets_phrase
+
+    speed = Target("speed-up", "B", "camera_speedup_2t", ">=", 3, "x", "ours")
+    drop = Target("mAP drop", "B", "map_drop", "<=", 0.01, "", "ours")
+    accuracy = Target("mAP", "A", "map", ">=", 0.4, "", "ours")
+    checks = [Check(speed, 4.0), Check(drop, 0.005, (-0.002, 0.012)), Check(accuracy, 0.45)]
+    by_model = targets_by_model(checks)
+    assert by_model["B"] == {"met": ["speed-up >= 3x"], "not_met": ["mAP drop <= 0.01"]}  # not shown: not met
+    assert targets_phrase(by_model["B"]) == "did not meet 1 of its 2 targets (mAP drop <= 0.01)"
+    assert targets_phrase(by_model["A"]) == "met its target"
+    both = targets_by_model([Check(speed, 4.0), Check(drop, 0.0)])["B"]
+    assert targets_phrase(both) == "met all 2 of its targets"
+
+
+def test_the_speedup_factors_multiply_to_cs_speedup():
+    from edgefm.report import A_ORT, A_TORCH, B_ORT, C_INT8, speedup_factors
+
+    ms = {A_TORCH: 40.0, A_ORT: 20.0, B_ORT: 5.0, C_INT8: 2.5}
+    factors = speedup_factors({name: {"latency_camera_ms_2t": v} for name, v in ms.items()})
+    assert factors == {"runtime": 2.0, "architecture": 4.0, "INT8": 2.0}
+    assert factors["runtime"] * factors["architecture"] * factors["INT8"] == ms[A_TORCH] / ms[C_INT8]
