@@ -93,7 +93,7 @@ def safe_without_vnni(record: dict) -> bool:
 def choose_recipe(study: dict, post_training: bool = False) -> str:
     """The INT8 variant of A to repeat on B, chosen on the val scenes (the eval scenes only report).
     Of the variants that compute the same on CPUs without VNNI, those that meet every target the
-    book sets A-INT8 (:data:`~edgefm.targets.TARGETS`), the fastest at 30 fps on 2 threads; if none meets
+    book sets A-INT8 (:data:`~edgefm.targets.TARGETS`), the fastest at camera rate on 2 threads; if none meets
     them all, the fastest of those within the mAP target; else the fastest. ``post_training``
     leaves out QAT (the peer's recipe: QAT here is written for A's detector and loss)."""
     records = [r for r in study["variants"] if r["precision"] == "int8" and r["name"] not in NOT_TRANSFERABLE
