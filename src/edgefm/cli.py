@@ -115,6 +115,10 @@ def _trained(args: argparse.Namespace, profile=None):
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    # everything the end of a run needs is imported before it starts: a run of hours must not meet,
+    # at its end, library files changed under it since (its record was once lost that way)
+    from edgefm.artifacts import atomic_write_json
+    from edgefm.stages.feasibility import run_record
     from edgefm.stages.finetune import export_finetuned
 
     profile = load_profile(args.profile)
@@ -130,9 +134,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
         command = " ".join(["edgefm", "--profile", profile.name, *given])
         print(f"exported to {export_finetuned(trained, args.export, command, args.device)}")
     if args.record is not None:
-        from edgefm.artifacts import atomic_write_json
-        from edgefm.stages.feasibility import run_record
-
         atomic_write_json(args.record, run_record(profile, trained, args.bootstrap))
         print(f"record: {args.record}")
 
