@@ -41,6 +41,7 @@ from edgefm.stages.finetune import (
     shipped_folder,
     weights_root,
 )
+from edgefm.stages.pretrain import fingerprint
 from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_gap, torch_runner
 from edgefm.tools.training import resolve_device
 
@@ -202,18 +203,15 @@ def feasibility_key(profile: Profile, progress: bool = True) -> dict:
     takes runs from ``weights/``, and the content of what is shipped there (the records, A's and
     its twin's weights): new records or weights are a new study."""
     records = weights_root() / f"feasibility-{profile.name}" / "runs.json"
-    weights = {init: shipped_folder(profile, init) / WEIGHTS for init in ("mae", "random")}
+    folders = {init: shipped_folder(profile, init) for init in ("mae", "random")}
     runs = (*study_runs(profile), *live_runs(profile))
     return {"runs": {run.name: stage_dir(profile.name, "finetune", finetune_key(profile, run.config(profile),
                                                                                 progress)[0]).name
                      for run in runs},
             "dataset": ensure_dataset(profile).root.name, "shipped": profile.shipped,
-            "records": _sha256(records) if records.is_file() else None,
-            "weights": {init: _sha256(path) if path.is_file() else None for init, path in weights.items()}}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+            "records": hashlib.sha256(records.read_bytes()).hexdigest() if records.is_file() else None,
+            "weights": {init: fingerprint(str(folder)) if (folder / WEIGHTS).is_file() else None
+                        for init, folder in folders.items()}}
 
 
 def ensure_feasibility(profile: Profile | str | None = None, progress: bool = True) -> dict:

@@ -276,6 +276,14 @@ def part_shares(profile: dict) -> dict[str, float]:
     return {part: ms / total for part, ms in profile["ms_by_part"].items()}
 
 
+def _summed(keys: list[str], values: list[float]) -> dict[str, float]:
+    """``values`` added up by ``keys``."""
+    totals: dict[str, float] = {}
+    for key, value in zip(keys, values, strict=True):
+        totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
 def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int = 20,
                      scopes: dict[str, str] | None = None) -> dict:
     """Where an ONNX model's time goes, from ONNX Runtime's profiler: milliseconds per image spent
@@ -299,18 +307,15 @@ def operator_profile(model: Path, image_size: int, threads: int = 2, runs: int =
         events = json.loads(Path(session.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     timed = kernels[len(kernels) // (runs + 1):]  # the untimed first run's kernels come first
-    names = [e["name"].removesuffix("_kernel_time") for e in timed]
-    per_run = len(names) // runs  # every run executes the same kernels, in the same order
-    parts = _parts_of_kernels(names[:per_run], scopes) * runs if scopes else [None] * len(names)
-    per_op: dict[str, float] = {}
-    per_part: dict[str, float] = {}
-    for event, part in zip(timed, parts, strict=True):
-        op, ms = event["args"]["op_name"], event["dur"] / 1e3 / runs
-        per_op[op] = per_op.get(op, 0.0) + ms
-        if part is not None:
-            per_part[part] = per_part.get(part, 0.0) + ms
+    ms = [e["dur"] / 1e3 / runs for e in timed]
+    per_op = _summed([e["args"]["op_name"] for e in timed], ms)
     ordered = dict(sorted(per_op.items(), key=lambda item: -item[1]))
-    return {"ms_by_op_type": ordered, "ms_by_part": per_part or None, "kernels_ms": sum(ordered.values()),
+    per_part = None
+    if scopes:
+        names = [e["name"].removesuffix("_kernel_time") for e in timed]
+        per_run = len(names) // runs  # every run executes the same kernels, in the same order
+        per_part = _summed(_parts_of_kernels(names[:per_run], scopes) * runs, ms)
+    return {"ms_by_op_type": ordered, "ms_by_part": per_part, "kernels_ms": sum(ordered.values()),
             "wall_ms": wall_ms,
             "integer_products_ms": sum(ms for op, ms in ordered.items() if op in INTEGER_PRODUCTS),
             "threads": threads, "runs": runs}
