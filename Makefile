@@ -13,9 +13,9 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # book/_ext/edgefm_cache.py re-executes every chapter after a change to the library or weights/.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
 
-.PHONY: setup system-deps apt-get-fashion-mnist apt-get-qemu-user browser apt-get-chromium book book-smoke pdf test lint clean
+.PHONY: setup system-deps apt-get-fashion-mnist apt-get-qemu-user arm64-root browser apt-get-chromium book book-smoke pdf test lint clean
 
-setup: $(VENV)/.installed system-deps
+setup: $(VENV)/.installed system-deps arm64-root
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ system-deps:
 
 apt-get-qemu-user:
 	$(call apt_install,qemu-user,INT8 models are not checked on an emulated CPU without VNNI)
+
+# An emulated Raspberry Pi: Debian's arm64 Python and the aarch64 wheels of the pinned ONNX Runtime,
+# NumPy and Pillow in .arm64/ (no root needed), on which the bundle is run (edgefm.tools.arm64).
+ARM64_ROOT := .arm64
+arm64-root: $(ARM64_ROOT)/.ready
+
+$(ARM64_ROOT)/.ready: requirements.txt | $(VENV)/.installed system-deps
+	@if [ "$$(uname -m)" = x86_64 ] && command -v qemu-aarch64 >/dev/null && command -v apt-get >/dev/null; then \
+		{ rm -rf $(ARM64_ROOT) && $(BIN)/python -m edgefm.tools.arm64 prepare $(ARM64_ROOT) && touch $@; } \
+			|| echo "note: could not prepare $(ARM64_ROOT): the bundle is not checked on Arm"; \
+	else echo "note: no qemu-aarch64 or apt-get here: the bundle is not checked on Arm"; fi
 
 apt-get-fashion-mnist:
 	$(call apt_install,dataset-fashion-mnist,set EDGEFM_FASHION_MNIST to a folder with the files or EDGEFM_DOWNLOAD=1)

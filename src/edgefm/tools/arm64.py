@@ -1,0 +1,239 @@
+"""A 64-bit Arm board, emulated: does the bundle detect there what it detects here?
+
+Many edge boards are Arm, not x86: a Raspberry Pi 4 (Cortex-A72, ARMv8.0) or 5 (Cortex-A76,
+ARMv8.2 with the dot-product instructions), the CPU cores of a Jetson. ONNX Runtime's integer
+kernels there are NEON code of their own, picked by the CPU's features, so an INT8 model's outputs
+on Arm are not the x86 ones by construction. This module runs the deployed path itself
+(:class:`~edgefm.runtime.EdgeDetector`: decode, letterbox, session, NumPy decoder) under
+``qemu-aarch64 -cpu CPU`` (Debian's ``qemu-user``) with Debian's arm64 Python and the aarch64 wheels
+of the ONNX Runtime, NumPy and Pillow versions installed here, and compares its detections with
+this machine's. Emulation checks correctness only: it runs far slower, and its timings mean nothing.
+
+:func:`prepare_root` makes that Python once (package registries only; apt runs with private state,
+so the host's package configuration is not touched). qemu-user passes the host's ``/proc/cpuinfo``
+through, in which ONNX Runtime's CPU detection finds no Arm core and crashes; each emulated CPU
+therefore gets a folder with its own ``proc/cpuinfo`` beside links to the root's files, which
+qemu (``-L``) reads before the host's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArmCpu:
+    """An Arm core as qemu emulates it and as ``/proc/cpuinfo`` names it (MIDR fields, features)."""
+
+    qemu: str
+    board: str
+    part: int
+    variant: int
+    revision: int
+    features: str
+
+    def cpuinfo(self, cores: int = 2) -> str:
+        """``/proc/cpuinfo`` of a board with ``cores`` of these cores, as Linux writes it."""
+        core = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
+                "CPU architecture: 8\nCPU variant\t: {variant:#x}\nCPU part\t: {part:#05x}\n"
+                "CPU revision\t: {revision}\n")
+        return "\n".join(core.format(i=i, features=self.features, variant=self.variant, part=self.part,
+                                     revision=self.revision) for i in range(cores)) + "\n"
+
+
+ARM_CPUS = {
+    "cortex-a72": ArmCpu("cortex-a72", "Raspberry Pi 4", 0xD08, 0x0, 3, "fp asimd evtstrm crc32 cpuid"),
+    "cortex-a76": ArmCpu("cortex-a76", "Raspberry Pi 5", 0xD0B, 0x4, 1,
+                         "fp asimd evtstrm crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"),
+}
+RUNTIME_PACKAGES = ("onnxruntime", "numpy", "pillow")  # what edgefm.runtime imports
+DEBIAN_PACKAGES = ("libpython3.11-stdlib", "python3.11-minimal", "libstdc++6")
+WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+
+
+def default_root() -> Path:
+    """Where the emulated board's Python lives: ``EDGEFM_ARM64_ROOT``, else ``.arm64/`` in the project."""
+    from edgefm.artifacts import project_root
+
+    return Path(os.environ.get("EDGEFM_ARM64_ROOT") or project_root() / ".arm64")
+
+
+def python_in(root: Path) -> Path:
+    return root / "sysroot" / "usr" / "bin" / "python3.11"
+
+
+def emulator(root: Path | None = None) -> str | None:
+    """``qemu-aarch64``, where this machine has it and a prepared root (None: no check is possible)."""
+    qemu = shutil.which("qemu-aarch64")
+    root = default_root() if root is None else root
+    return qemu if qemu and python_in(root).is_file() and (root / "site").is_dir() else None
+
+
+def prepare_root(root: Path) -> Path:
+    """Make ``root``: ``sysroot/`` holds Debian's arm64 Python 3.11 and the libraries it links,
+    ``site/`` the aarch64 wheels of this machine's ONNX Runtime, NumPy and Pillow versions, and
+    ``cpus/<name>/`` each emulated CPU's view. Needs apt-get (Debian bookworm sources), dpkg-deb
+    and pip, and the package registries; not root."""
+    apt_dir = root / "apt"
+    for sub in ("state/lists/partial", "cache/archives/partial"):
+        (apt_dir / sub).mkdir(parents=True, exist_ok=True)
+    (apt_dir / "state" / "status").touch()
+    options = {"Dir::State": apt_dir / "state", "Dir::State::status": apt_dir / "state" / "status",
+               "Dir::Cache": apt_dir / "cache", "APT::Architecture": "arm64", "APT::Architectures": "arm64",
+               "Debug::NoLocking": 1}
+    apt = ["apt-get", "-qq", *(f for key, value in options.items() for f in ("-o", f"{key}={value}"))]
+    _run([*apt, "update"], "reading the arm64 package lists")
+    _run([*apt, "install", "-y", "--download-only", "--no-install-recommends", *DEBIAN_PACKAGES],
+         "downloading Debian's arm64 Python")
+    for deb in sorted((apt_dir / "cache" / "archives").glob("*.deb")):
+        _run(["dpkg-deb", "-x", str(deb), str(root / "sysroot")], f"unpacking {deb.name}")
+    pins = [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+    platforms = [flag for tag in WHEEL_PLATFORMS for flag in ("--platform", tag)]
+    _run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", "--target", str(root / "site"),
+          *platforms, "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:", *pins],
+         "downloading the aarch64 wheels")
+    for cpu in ARM_CPUS.values():
+        cpu_root(root, cpu)
+    shutil.rmtree(apt_dir)  # the packages are unpacked; their lists and files are not needed again
+    return root
+
+
+def cpu_root(root: Path, cpu: ArmCpu) -> Path:
+    """The folder qemu reads first for ``cpu`` (``-L``): the root's files, and ``cpu``'s cpuinfo."""
+    folder = root / "cpus" / cpu.qemu
+    (folder / "proc").mkdir(parents=True, exist_ok=True)
+    for name in ("etc", "lib", "usr"):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..", "..", "sysroot", name))
+    (folder / "proc" / "cpuinfo").write_text(cpu.cpuinfo())
+    return folder
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({' '.join(command[:2])} ...):\n{done.stderr[-2000:]}")
+
+
+def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "cortex-a76",
+                  root: Path | None = None) -> dict:
+    """The bundle's detections of ``image_files`` (one thread) and its raw outputs for the
+    letterboxed images, computed on an emulated ``cpu`` (a key of :data:`ARM_CPUS`)."""
+    root = default_root() if root is None else root
+    qemu = emulator(root)
+    if qemu is None:
+        raise RuntimeError(f"no emulated Arm board here: needs qemu-aarch64 and {root} (make arm64-root)")
+    src = Path(__file__).resolve().parents[2]  # the folder that holds the edgefm package
+    env = {**os.environ, "QEMU_LD_PREFIX": str(cpu_root(root, ARM_CPUS[cpu])), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "site"), str(src)]), "PYTHONNOUSERSITE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "found.npz"
+        command = [qemu, "-cpu", cpu, str(python_in(root)), "-m", "edgefm.tools.arm64", str(bundle), str(out),
+                   *map(str, image_files)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"running {bundle} on an emulated {cpu} failed:\n{done.stderr[-2000:]}")
+        with np.load(out) as saved:
+            return _unpack(dict(saved))
+
+
+def detect_here(bundle: Path | str, image_files: list[Path]) -> dict:
+    """What :func:`detect_on_arm` computes, on this machine (one thread)."""
+    from edgefm.runtime import EdgeDetector
+    from edgefm.runtime.images import letterbox, read_image
+
+    if not image_files:
+        raise ValueError(f"{bundle}: no image files to run the bundle on")
+    detector = EdgeDetector(bundle, threads=1)
+    images = [read_image(path) for path in image_files]
+    size, pad = detector.spec.image_size, detector.spec.pad_value
+    outputs = detector.run(np.stack([letterbox(image, size, pad)[0] for image in images]))
+    return {"machine": platform.machine(), "outputs": list(outputs), "detections": detector.detect(images)}
+
+
+def arm_agreement(bundle: Path | str, image_files: list[Path], cpus: tuple[str, ...] = tuple(ARM_CPUS),
+                  root: Path | None = None) -> dict[str, dict]:
+    """:func:`compare` of the bundle on each emulated Arm CPU with this machine."""
+    here = detect_here(bundle, image_files)
+    return {cpu: compare(here, detect_on_arm(bundle, image_files, cpu, root), cpu) for cpu in cpus}
+
+
+def compare(here: dict, there: dict, cpu: str) -> dict:
+    """How a run on the emulated ``cpu`` (:func:`detect_on_arm`) agrees with this machine's
+    (:func:`detect_here`): the largest difference of the raw outputs, and the detections'
+    agreement (:func:`~edgefm.tools.evaluate.detection_agreement`)."""
+    from edgefm.tools.evaluate import detection_agreement
+
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(here["outputs"], there["outputs"], strict=True))
+    found = detection_agreement(here["detections"], there["detections"])
+    return {"board": ARM_CPUS[cpu].board, "machine": there["machine"], "images": len(here["detections"]),
+            "max_abs_diff": diff, "detections": found, "same": same_detections(found)}
+
+
+def same_detections(found: dict) -> bool:
+    """Whether two runs found the same detections: as many, each matched by the other's (none is
+    the same as none; :func:`~edgefm.tools.evaluate.detection_agreement` counts)."""
+    if found["reference_detections"] != found["candidate_detections"]:
+        return False
+    return found["reference_detections"] == 0 or found["recall"] == found["precision"] == 1.0
+
+
+def describe(agreement: dict[str, dict] | None) -> str:
+    """The check in a sentence for the book (``agreement`` from :func:`arm_agreement`; None: not run)."""
+    if agreement is None:
+        return ("This machine has no emulated Arm board (make arm64-root prepares one, with Debian's "
+                "qemu-user), so the bundle was not run on Arm in this build.")
+    sentences = []
+    for cpu, record in agreement.items():
+        found = record["detections"]
+        outputs = ("the same raw outputs as here" if record["max_abs_diff"] == 0 else
+                   f"raw outputs within {record['max_abs_diff']:.2g} of this machine's")
+        there, here = found["candidate_detections"], found["reference_detections"]
+        verdict = (f"the same {there} detections" if record["same"] else
+                   f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
+        sentences.append(f"On an emulated {cpu} (a {record['board']}'s core), the bundle gives {outputs} for "
+                         f"{record['images']} images and {verdict} (score at least {found['min_score']:.1f}; "
+                         f"largest score change {found['max_score_gap']:.2g}).")
+    return " ".join(sentences)
+
+
+def _pack(machine: str, outputs: list[np.ndarray], detections: list[dict]) -> dict[str, np.ndarray]:
+    packed = {"machine": np.array(machine), **{f"output_{i}": o for i, o in enumerate(outputs)}}
+    for i, found in enumerate(detections):
+        packed.update({f"detections_{i}_{key}": found[key] for key in ("boxes", "scores", "labels")})
+    return packed
+
+
+def _unpack(saved: dict[str, np.ndarray]) -> dict:
+    outputs = [saved[f"output_{i}"] for i in range(sum(k.startswith("output_") for k in saved))]
+    count = sum(k.endswith("_scores") for k in saved)
+    detections = [{key: saved[f"detections_{i}_{key}"] for key in ("boxes", "scores", "labels")}
+                  for i in range(count)]
+    return {"machine": str(saved["machine"]), "outputs": outputs, "detections": detections}
+
+
+def main(argv: list[str]) -> None:
+    """``python -m edgefm.tools.arm64 prepare ROOT``: :func:`prepare_root` (``make arm64-root``);
+    ``python -m edgefm.tools.arm64 BUNDLE OUT.npz IMAGE...``: :func:`detect_here`, saved (what
+    :func:`detect_on_arm` runs on the emulated board; it imports no PyTorch)."""
+    if argv[:1] == ["prepare"]:
+        prepare_root(Path(argv[1]))
+        return
+    bundle, out, files = argv[0], argv[1], [Path(f) for f in argv[2:]]
+    found = detect_here(bundle, files)
+    np.savez(out, **_pack(found["machine"], found["outputs"], found["detections"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
