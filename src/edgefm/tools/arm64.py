@@ -84,6 +84,7 @@ def prepare_root(root: Path) -> Path:
     ``site/`` the aarch64 wheels of this machine's ONNX Runtime, NumPy and Pillow versions, and
     ``cpus/<name>/`` each emulated CPU's view. Needs apt-get (Debian bookworm sources), dpkg-deb
     and pip, and the package registries; not root."""
+    root = root.resolve()  # apt reads relative folders from /
     apt_dir = root / "apt"
     for sub in ("state/lists/partial", "cache/archives/partial"):
         (apt_dir / sub).mkdir(parents=True, exist_ok=True)
