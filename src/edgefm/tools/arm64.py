@@ -201,11 +201,15 @@ def describe(agreement: dict[str, dict] | None) -> str:
         outputs = ("the same raw outputs as here" if record["max_abs_diff"] == 0 else
                    f"raw outputs within {record['max_abs_diff']:.2g} of this machine's")
         there, here = found["candidate_detections"], found["reference_detections"]
-        verdict = (f"the same {there} detections" if record["same"] else
-                   f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
+        if record["same"] and there == 0:
+            verdict = f"like here, no detection scored at least {found['min_score']:.1f}"
+        else:
+            verdict = (f"the same {there} detections" if record["same"] else
+                       f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
+            verdict += (f" (score at least {found['min_score']:.1f}; largest score change "
+                        f"{found['max_score_gap']:.2g})")
         sentences.append(f"On an emulated {cpu} (a {record['board']}'s core), the bundle gives {outputs} for "
-                         f"{record['images']} images and {verdict} (score at least {found['min_score']:.1f}; "
-                         f"largest score change {found['max_score_gap']:.2g}).")
+                         f"{record['images']} images and {verdict}.")
     return " ".join(sentences)
 
 
