@@ -202,7 +202,7 @@ def describe(agreement: dict[str, dict] | None) -> str:
                    f"raw outputs within {record['max_abs_diff']:.2g} of this machine's")
         there, here = found["candidate_detections"], found["reference_detections"]
         if record["same"] and there == 0:
-            verdict = f"like here, no detection scored at least {found['min_score']:.1f}"
+            verdict = f"as here, no detection scored at least {found['min_score']:.1f}"
         else:
             verdict = (f"the same {there} detections" if record["same"] else
                        f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
