@@ -45,14 +45,19 @@ apt-get-qemu-user:
 
 # An emulated Raspberry Pi: Debian's arm64 Python and the aarch64 wheels of the pinned ONNX Runtime,
 # NumPy and Pillow in .arm64/ (no root needed), on which the bundle is run (edgefm.tools.arm64).
+# Made again when requirements.txt changes; a failed attempt keeps the old root and is not retried
+# until then (the stamp records either outcome; delete .arm64.stamp to try again).
 ARM64_ROOT := .arm64
-arm64-root: $(ARM64_ROOT)/.ready
+arm64-root: $(ARM64_ROOT).stamp
 
-$(ARM64_ROOT)/.ready: requirements.txt | $(VENV)/.installed system-deps
-	@if [ "$$(uname -m)" = x86_64 ] && command -v qemu-aarch64 >/dev/null && command -v apt-get >/dev/null; then \
-		{ rm -rf $(ARM64_ROOT) && $(BIN)/python -m edgefm.tools.arm64 prepare $(ARM64_ROOT) && touch $@; } \
-			|| echo "note: could not prepare $(ARM64_ROOT): the bundle is not checked on Arm"; \
-	else echo "note: no qemu-aarch64 or apt-get here: the bundle is not checked on Arm"; fi
+$(ARM64_ROOT).stamp: requirements.txt | $(VENV)/.installed system-deps
+	@if [ "$$(uname -m)" != x86_64 ]; then echo "note: not an x86 machine: the bundle is not checked on emulated Arm"; \
+	elif ! command -v qemu-aarch64 >/dev/null || ! command -v apt-get >/dev/null; then \
+		echo "note: no qemu-aarch64 or apt-get here: the bundle is not checked on Arm"; \
+	elif rm -rf $(ARM64_ROOT).tmp && $(BIN)/python -m edgefm.tools.arm64 prepare $(ARM64_ROOT).tmp; then \
+		rm -rf $(ARM64_ROOT) && mv $(ARM64_ROOT).tmp $(ARM64_ROOT); \
+	else rm -rf $(ARM64_ROOT).tmp; echo "note: could not prepare $(ARM64_ROOT): the bundle is not checked on Arm"; fi
+	@touch $@
 
 apt-get-fashion-mnist:
 	$(call apt_install,dataset-fashion-mnist,set EDGEFM_FASHION_MNIST to a folder with the files or EDGEFM_DOWNLOAD=1)

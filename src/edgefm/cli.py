@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgefm.config import DATA_ENV, DEVICES, PROFILES, load_profile
+from edgefm.tools.arm64 import ARM_CPUS
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -242,6 +243,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"{len(failures)} of {len(args.images)} images failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_arm64(args: argparse.Namespace) -> int:
+    from edgefm.errors import InputError
+    from edgefm.tools import arm64
+
+    _check_images(args.images)
+    root = args.root or arm64.default_root()
+    if arm64.qemu_aarch64(root) is None and args.prepare:
+        print(f"preparing the emulated board's Python in {root} (Debian's arm64 packages, aarch64 wheels)")
+        arm64.prepare_root(root)
+    if arm64.qemu_aarch64(root) is None:
+        raise InputError(f"no emulated Arm board in {root}: it needs qemu-aarch64 (Debian's qemu-user) "
+                         "and a prepared root (edgefm arm64 --prepare, or make arm64-root)")
+    agreement = arm64.arm_agreement(args.bundle, args.images, tuple(args.cpu), root)
+    print(arm64.describe(agreement))
+    if args.json is not None:
+        from edgefm.artifacts import atomic_write_json
+
+        atomic_write_json(args.json, agreement)
+    return 0 if all(record["same"] for record in agreement.values()) else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -480,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=_at_least(1), default=2, help="ONNX Runtime threads")
     model_choice(predict)
     predict.set_defaults(run=_cmd_predict)
+
+    arm = commands.add_parser("arm64", help="run a bundle on emulated 64-bit Arm cores (Raspberry Pi 4, 5) "
+                              "and compare its detections with this machine's (correctness only, no timing)")
+    arm.add_argument("bundle", type=Path, help="a bundle folder written by `edgefm compress`")
+    arm.add_argument("images", type=Path, nargs="+", help="image files")
+    arm.add_argument("--cpu", nargs="+", default=list(ARM_CPUS), choices=list(ARM_CPUS),
+                     help="the emulated cores (default: all)")
+    arm.add_argument("--root", type=Path, default=None, help="the emulated board's Python (default: "
+                     "$EDGEFM_ARM64_ROOT, else .arm64/ in the project)")
+    arm.add_argument("--prepare", action="store_true", help="make the root first if it is missing "
+                     "(needs apt-get and the package registries)")
+    arm.add_argument("--json", type=Path, default=None, help="also write the comparison to this file")
+    arm.set_defaults(run=_cmd_arm64)
 
     export = commands.add_parser("export", help="export the trained detector to ONNX (weights in FILE.data)")
     export.add_argument("--out", type=Path, default=Path("detector.onnx"), help="the .onnx file to write")

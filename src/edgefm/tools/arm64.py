@@ -10,10 +10,11 @@ of the ONNX Runtime, NumPy and Pillow versions installed here, and compares its 
 this machine's. Emulation checks correctness only: it runs far slower, and its timings mean nothing.
 
 :func:`prepare_root` makes that Python once (package registries only; apt runs with private state,
-so the host's package configuration is not touched). qemu-user passes the host's ``/proc/cpuinfo``
-through, in which ONNX Runtime's CPU detection finds no Arm core and crashes; each emulated CPU
-therefore gets a folder with its own ``proc/cpuinfo`` beside links to the root's files, which
-qemu (``-L``) reads before the host's.
+so the host's package configuration is not touched); it needs Debian 12's sources (Python 3.11).
+Debian 12's qemu-user (7.2) passes the host's ``/proc/cpuinfo`` through, in which ONNX Runtime's
+CPU detection finds no Arm core and crashes; each emulated CPU therefore gets a folder with its own
+``proc/cpuinfo`` beside links to the root's files, which qemu (``-L``) reads before the host's.
+(The instructions a kernel may use are those qemu's ``-cpu`` model reports; the two agree.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class ArmCpu:
 ARM_CPUS = {
     "cortex-a72": ArmCpu("cortex-a72", "Raspberry Pi 4", 0xD08, 0x0, 3, "fp asimd evtstrm crc32 cpuid"),
     "cortex-a76": ArmCpu("cortex-a76", "Raspberry Pi 5", 0xD0B, 0x4, 1,
-                         "fp asimd evtstrm crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"),
+                         "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
+                         "lrcpc dcpop asimddp"),
 }
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "pillow")  # what edgefm.runtime imports
 DEBIAN_PACKAGES = ("libpython3.11-stdlib", "python3.11-minimal", "libstdc++6")
@@ -65,18 +67,22 @@ def default_root() -> Path:
     """Where the emulated board's Python lives: ``EDGEFM_ARM64_ROOT``, else ``.arm64/`` in the project."""
     from edgefm.artifacts import project_root
 
-    return Path(os.environ.get("EDGEFM_ARM64_ROOT") or project_root() / ".arm64")
+    return Path(os.environ.get("EDGEFM_ARM64_ROOT") or project_root() / ".arm64").expanduser().resolve()
 
 
 def python_in(root: Path) -> Path:
+    """The board's Python: Debian's arm64 interpreter, which only the emulator can run."""
     return root / "sysroot" / "usr" / "bin" / "python3.11"
 
 
-def emulator(root: Path | None = None) -> str | None:
-    """``qemu-aarch64``, where this machine has it and a prepared root (None: no check is possible)."""
+def qemu_aarch64(root: Path | None = None) -> str | None:
+    """The path of ``qemu-aarch64``, where this x86 machine has it and a prepared ``root`` (by
+    default :func:`default_root`); None: the bundle cannot be checked on Arm here."""
     qemu = shutil.which("qemu-aarch64")
     root = default_root() if root is None else root
-    return qemu if qemu and python_in(root).is_file() and (root / "site").is_dir() else None
+    ready = python_in(root).is_file() and (root / "site").is_dir() and all(
+        (root / "cpus" / name / "proc" / "cpuinfo").is_file() for name in ARM_CPUS)
+    return qemu if qemu and platform.machine() in ("x86_64", "AMD64") and ready else None
 
 
 def prepare_root(root: Path) -> Path:
@@ -110,7 +116,7 @@ def prepare_root(root: Path) -> Path:
 
 
 def cpu_root(root: Path, cpu: ArmCpu) -> Path:
-    """The folder qemu reads first for ``cpu`` (``-L``): the root's files, and ``cpu``'s cpuinfo."""
+    """Make the folder qemu reads first for ``cpu`` (``-L``): the root's files, and ``cpu``'s cpuinfo."""
     folder = root / "cpus" / cpu.qemu
     (folder / "proc").mkdir(parents=True, exist_ok=True)
     for name in ("etc", "lib", "usr"):
@@ -132,16 +138,17 @@ def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "corte
     """The bundle's detections of ``image_files`` (one thread) and its raw outputs for the
     letterboxed images, computed on an emulated ``cpu`` (a key of :data:`ARM_CPUS`)."""
     root = default_root() if root is None else root
-    qemu = emulator(root)
+    qemu = qemu_aarch64(root)
     if qemu is None:
         raise RuntimeError(f"no emulated Arm board here: needs qemu-aarch64 and {root} (make arm64-root)")
     src = Path(__file__).resolve().parents[2]  # the folder that holds the edgefm package
-    env = {**os.environ, "QEMU_LD_PREFIX": str(cpu_root(root, ARM_CPUS[cpu])), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(root / "site"), str(src)]), "PYTHONNOUSERSITE": "1"}
+    env = {**os.environ, "QEMU_LD_PREFIX": str(root / "cpus" / cpu), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "site"), str(src)])}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "found.npz"
-        command = [qemu, "-cpu", cpu, str(python_in(root)), "-m", "edgefm.tools.arm64", str(bundle), str(out),
-                   *map(str, image_files)]
+        # -S: no site folders, which -L would find on the host (x86 packages of the same Python)
+        command = [qemu, "-cpu", cpu, str(python_in(root)), "-S", "-m", "edgefm.tools.arm64", str(bundle),
+                   str(out), *map(str, image_files)]
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"running {bundle} on an emulated {cpu} failed:\n{done.stderr[-2000:]}")
@@ -151,7 +158,7 @@ def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "corte
 
 def detect_here(bundle: Path | str, image_files: list[Path]) -> dict:
     """What :func:`detect_on_arm` computes, on this machine (one thread)."""
-    from edgefm.runtime import EdgeDetector
+    from edgefm.runtime import EdgeDetector, detect
     from edgefm.runtime.images import letterbox, read_image
 
     if not image_files:
@@ -160,34 +167,49 @@ def detect_here(bundle: Path | str, image_files: list[Path]) -> dict:
     images = [read_image(path) for path in image_files]
     size, pad = detector.spec.image_size, detector.spec.pad_value
     outputs = detector.run(np.stack([letterbox(image, size, pad)[0] for image in images]))
-    return {"machine": platform.machine(), "outputs": list(outputs), "detections": detector.detect(images)}
+    found = detect(lambda _: outputs, images, detector.spec)  # from the outputs compared, not a second run
+    return {"machine": platform.machine(), "outputs": list(outputs), "detections": found}
 
 
 def arm_agreement(bundle: Path | str, image_files: list[Path], cpus: tuple[str, ...] = tuple(ARM_CPUS),
-                  root: Path | None = None) -> dict[str, dict]:
+                  root: Path | None = None, min_score: float = 0.3) -> dict[str, dict]:
     """:func:`compare` of the bundle on each emulated Arm CPU with this machine."""
     here = detect_here(bundle, image_files)
-    return {cpu: compare(here, detect_on_arm(bundle, image_files, cpu, root), cpu) for cpu in cpus}
+    return {cpu: compare(here, detect_on_arm(bundle, image_files, cpu, root), cpu, min_score) for cpu in cpus}
 
 
-def compare(here: dict, there: dict, cpu: str) -> dict:
+def compare(here: dict, there: dict, cpu: str, min_score: float = 0.3) -> dict:
     """How a run on the emulated ``cpu`` (:func:`detect_on_arm`) agrees with this machine's
     (:func:`detect_here`): the largest difference of the raw outputs, and the detections'
     agreement (:func:`~edgefm.tools.evaluate.detection_agreement`)."""
     from edgefm.tools.evaluate import detection_agreement
 
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(here["outputs"], there["outputs"], strict=True))
-    found = detection_agreement(here["detections"], there["detections"])
+    found = detection_agreement(here["detections"], there["detections"], min_score=min_score)
     return {"board": ARM_CPUS[cpu].board, "machine": there["machine"], "images": len(here["detections"]),
-            "max_abs_diff": diff, "detections": found, "same": same_detections(found)}
+            "max_abs_diff": diff, "detections": found,
+            "same": same_detections(here["detections"], there["detections"], min_score)}
 
 
-def same_detections(found: dict) -> bool:
-    """Whether two runs found the same detections: as many, each matched by the other's (none is
-    the same as none; :func:`~edgefm.tools.evaluate.detection_agreement` counts)."""
-    if found["reference_detections"] != found["candidate_detections"]:
-        return False
-    return found["reference_detections"] == 0 or found["recall"] == found["precision"] == 1.0
+def same_detections(here: list[dict], there: list[dict], min_score: float, score_tol: float = 1e-3,
+                    box_tol: float = 0.5) -> bool:
+    """Whether two runs found the same detections scored >= ``min_score`` in every image: as many,
+    each with a twin of the same class, score within ``score_tol`` and corners within ``box_tol``
+    pixels. (Overlap would not do: a box clipped to nothing at the border overlaps not even itself.)"""
+    for mine, theirs in zip(here, there, strict=True):
+        keep, other = mine["scores"] >= min_score, theirs["scores"] >= min_score
+        if keep.sum() != other.sum():
+            return False
+        unused = np.ones(int(other.sum()), bool)
+        fields = ("labels", "scores", "boxes")
+        labels, scores, boxes = (theirs[key][other] for key in fields)
+        for label, score, box in zip(*(mine[key][keep] for key in fields), strict=True):
+            twins = (unused & (labels == label) & (np.abs(scores - score) <= score_tol)
+                     & (np.abs(boxes - box).max(axis=1) <= box_tol))
+            if not twins.any():
+                return False
+            unused[np.argmax(twins)] = False
+    return True
 
 
 def describe(agreement: dict[str, dict] | None) -> str:
@@ -205,7 +227,8 @@ def describe(agreement: dict[str, dict] | None) -> str:
             verdict = f"as here, no detection scored at least {found['min_score']:.1f}"
         else:
             verdict = (f"the same {there} detections" if record["same"] else
-                       f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
+                       f"{there} detections against {here} here, {found['precision']:.0%} of them matched"
+                       if there else f"no detection against {here} here")
             verdict += (f" (score at least {found['min_score']:.1f}; largest score change "
                         f"{found['max_score_gap']:.2g})")
         sentences.append(f"On an emulated {cpu} (a {record['board']}'s core), the bundle gives {outputs} for "
