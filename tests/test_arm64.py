@@ -47,9 +47,10 @@ def test_an_empty_image_list_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
-    """A tiny random detector in static INT8 (QDQ, as C is) with weights in 7 bits (``reduce_range``: the
-    format that sums exactly on every x86 CPU, :mod:`edgefm.tools.isa`), bundled, and image files."""
+def int8_bundles(tmp_path_factory):
+    """A tiny random detector in static INT8 (QDQ, as C is), bundled twice: with weights in 7 bits
+    (``reduce_range``: the format that sums exactly on every x86 CPU, :mod:`edgefm.tools.isa`) and in
+    full 8 bits; image files to run them on; the FP32 model."""
     root = tmp_path_factory.mktemp("arm")
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
@@ -63,11 +64,45 @@ def int8_bundle(tmp_path_factory):
     model = tiny_detector(num_classes=3, image_size=64).eval()
     exported = export_onnx(model, root / "a.onnx", 64)
     calibration = CalibrationScenes(CocoSplit(root / "instances.json", root / "images"), 64, 4, batch_size=2)
-    recipe = QuantRecipe("safe", op_types=("MatMul", "Conv", "ConvTranspose"), reduce_range=True)
     prepared = preprocess(exported, root / "a-pre.onnx")
-    int8 = quantize(exported, prepared, root / "a-int8.onnx", recipe, calibration)
-    write_bundle(root / "bundle", int8, ["cat", "dog", "bird"], DetectorConfig(image_size=64), model.stride)
-    return root / "bundle", sorted((root / "images").glob("*.png")), exported
+    bundles = {}
+    for name, reduce_range in (("7-bit", True), ("8-bit", False)):
+        recipe = QuantRecipe(name, op_types=("MatMul", "Conv", "ConvTranspose"), reduce_range=reduce_range)
+        int8 = quantize(exported, prepared, root / f"{name}.onnx", recipe, calibration)
+        bundles[name] = root / name
+        write_bundle(bundles[name], int8, ["cat", "dog", "bird"], DetectorConfig(image_size=64), model.stride)
+    return bundles, sorted((root / "images").glob("*.png")), exported
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(int8_bundles):
+    """The 7-bit bundle of :func:`int8_bundles`, its image files and the FP32 model."""
+    bundles, files, exported = int8_bundles
+    return bundles["7-bit"], files, exported
+
+
+def fp32_distance(outputs: list[np.ndarray], fp32: list[np.ndarray]) -> float:
+    return max(float(np.abs(a - b).max()) for a, b in zip(outputs, fp32, strict=True))
+
+
+@needs_board
+def test_arm_adds_int8_products_in_32_bits_as_vnni_does(int8_bundles):
+    """The Arm kernels do not saturate: full 8-bit weights are as close to FP32 there as 7-bit ones
+    (or closer: one more bit); on an x86 CPU without VNNI their pair sums saturate, and are far off."""
+    from edgefm.runtime import onnx_runner, open_session
+    from edgefm.runtime.images import letterbox, read_image
+    from edgefm.tools import isa
+
+    bundles, files, fp32 = int8_bundles
+    images = np.stack([letterbox(read_image(path), 64)[0] for path in files])
+    reference = onnx_runner(open_session(fp32, threads=1))(images)
+    on_arm = {name: fp32_distance(arm64.detect_on_arm(bundle, files, "cortex-a72")["outputs"], reference)
+              for name, bundle in bundles.items()}
+    assert isa.weight_peak(bundles["8-bit"] / "model.onnx") > isa.SAFE_WEIGHT_PEAK
+    assert on_arm["8-bit"] <= on_arm["7-bit"]
+    if isa.avx2_only(isa.isa()):
+        here = fp32_distance(arm64.detect_here(bundles["8-bit"], files)["outputs"], reference)
+        assert here > 2 * on_arm["8-bit"]
 
 
 @needs_board
@@ -89,9 +124,11 @@ def test_an_int8_bundle_computes_on_emulated_arm_what_it_computes_here(int8_bund
         assert records[cpu]["detections"]["reference_detections"] > 0 and records[cpu]["same"]
         # Arm's kernels may round some elements differently from x86's, but INT8 on Arm must be as close
         # to FP32 as INT8 here: a saturated or misread integer kernel would be far off
-        for ref, x86, arm in zip(reference, here["outputs"], there["outputs"], strict=True):
-            assert np.abs(arm - ref).max() <= 1.1 * np.abs(x86 - ref).max() + 1e-6
+        error_here = fp32_distance(here["outputs"], reference)
+        assert fp32_distance(there["outputs"], reference) <= 1.1 * error_here + 1e-6
     assert "Raspberry Pi 4" in arm64.describe(records) and "Raspberry Pi 5" in arm64.describe(records)
+    assert "saturated sums" in arm64.describe(records, without_vnni=True)
+    assert "saturated" not in arm64.describe(records)
 
 
 @needs_board

@@ -8,6 +8,8 @@ on Arm are not the x86 ones by construction. This module runs the deployed path 
 ``qemu-aarch64 -cpu CPU`` (Debian's ``qemu-user``) with Debian's arm64 Python and the aarch64 wheels
 of the ONNX Runtime, NumPy and Pillow versions installed here, and compares its detections with
 this machine's. Emulation checks correctness only: it runs far slower, and its timings mean nothing.
+Arm's kernels add INT8 products in 32 bits, as VNNI does, so on an x86 CPU without VNNI (which qemu
+cannot turn into one with VNNI) an Arm run is also the reference without saturation.
 
 :func:`prepare_root` makes that Python once (package registries only; apt runs with private state,
 so the host's package configuration is not touched); it needs Debian 12's sources (Python 3.11).
@@ -212,8 +214,11 @@ def same_detections(here: list[dict], there: list[dict], min_score: float, score
     return True
 
 
-def describe(agreement: dict[str, dict] | None) -> str:
-    """The check in a sentence for the book (``agreement`` from :func:`arm_agreement`; None: not run)."""
+def describe(agreement: dict[str, dict] | None, without_vnni: bool = False) -> str:
+    """The check in a sentence for the book (``agreement`` from :func:`arm_agreement`; None: not run).
+    ``without_vnni``: this machine is an x86 CPU without VNNI, whose 16-bit pair sums can saturate;
+    Arm's kernels add in 32 bits (``tests/test_arm64.py`` shows it), so the same detections there
+    also show that saturation did not change them here."""
     if agreement is None:
         return ("This machine has no emulated Arm board (make arm64-root prepares one, with Debian's "
                 "qemu-user), so the bundle was not run on Arm in this build.")
@@ -233,6 +238,9 @@ def describe(agreement: dict[str, dict] | None) -> str:
                         f"{found['max_score_gap']:.2g})")
         sentences.append(f"On an emulated {cpu} (a {record['board']}'s core), the bundle gives {outputs} for "
                          f"{record['images']} images and {verdict}.")
+    if without_vnni and all(record["same"] for record in agreement.values()):
+        sentences.append("Arm's kernels add INT8 products in 32 bits, as VNNI does, so on this CPU without "
+                         "VNNI the agreement also shows that saturated sums did not change C's detections.")
     return " ".join(sentences)
 
 
