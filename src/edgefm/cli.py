@@ -246,18 +246,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_arm64(args: argparse.Namespace) -> int:
+    import platform
+    import shutil
+
     from edgefm.errors import InputError
     from edgefm.tools import arm64
 
     _check_images(args.images)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise InputError(f"{args.json}: its folder {args.json.parent} does not exist")
+    machine = platform.machine()
+    if machine not in ("x86_64", "AMD64") or shutil.which("qemu-aarch64") is None:
+        raise InputError(f"no qemu-aarch64 on this {machine} machine (Debian's qemu-user on x86 has it)")
     root = args.root or arm64.default_root()
-    if arm64.qemu_aarch64(root) is None and args.prepare:
-        print(f"preparing the emulated board's Python in {root} (Debian's arm64 packages, aarch64 wheels)")
-        arm64.prepare_root(root)
-    if arm64.qemu_aarch64(root) is None:
-        raise InputError(f"no emulated Arm board in {root}: it needs qemu-aarch64 (Debian's qemu-user) "
-                         "and a prepared root (edgefm arm64 --prepare, or make arm64-root)")
-    agreement = arm64.arm_agreement(args.bundle, args.images, tuple(args.cpu), root)
+    try:
+        if not arm64.root_is_ready(root) and args.prepare:
+            print(f"preparing the emulated board's Python in {root} (Debian's packages, aarch64 wheels)")
+            arm64.prepare_root(root)
+        if not arm64.root_is_ready(root):
+            raise InputError(f"no emulated Arm board in {root}: prepare one with edgefm arm64 --prepare "
+                             "(or make arm64-root)")
+        agreement = arm64.arm_agreement(args.bundle, args.images, tuple(args.cpu), root)
+    except (RuntimeError, OSError) as error:  # apt, pip or the emulated run failed: no traceback
+        raise InputError(str(error).strip()) from error
     print(arm64.describe(agreement))
     if args.json is not None:
         from edgefm.artifacts import atomic_write_json
@@ -504,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=_cmd_predict)
 
     arm = commands.add_parser("arm64", help="run a bundle on emulated 64-bit Arm cores (Raspberry Pi 4, 5) "
-                              "and compare its detections with this machine's (correctness only, no timing)")
+                              "and compare its detections with this machine's (correctness only, no timing; "
+                              "exit status 1 if they differ)")
     arm.add_argument("bundle", type=Path, help="a bundle folder written by `edgefm compress`")
     arm.add_argument("images", type=Path, nargs="+", help="image files")
     arm.add_argument("--cpu", nargs="+", default=list(ARM_CPUS), choices=list(ARM_CPUS),

@@ -8,8 +8,9 @@ on Arm are not the x86 ones by construction. This module runs the deployed path 
 ``qemu-aarch64 -cpu CPU`` (Debian's ``qemu-user``) with Debian's arm64 Python and the aarch64 wheels
 of the ONNX Runtime, NumPy and Pillow versions installed here, and compares its detections with
 this machine's. Emulation checks correctness only: it runs far slower, and its timings mean nothing.
-Arm's kernels add INT8 products in 32 bits, as VNNI does, so on an x86 CPU without VNNI (which qemu
-cannot turn into one with VNNI) an Arm run is also the reference without saturation.
+An emulated Arm core does not show the 16-bit pair saturation of x86 CPUs without VNNI (a test
+measures it on a Cortex-A72), so on such a CPU, which qemu cannot make into one with VNNI, an Arm
+run is also the reference without saturation.
 
 :func:`prepare_root` makes that Python once (package registries only; apt runs with private state,
 so the host's package configuration is not touched); it needs Debian 12's sources (Python 3.11).
@@ -21,6 +22,7 @@ CPU detection finds no Arm core and crashes; each emulated CPU therefore gets a 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -62,6 +64,7 @@ ARM_CPUS = {
 }
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "pillow")  # what edgefm.runtime imports
 DEBIAN_PACKAGES = ("libpython3.11-stdlib", "python3.11-minimal", "libstdc++6")
+VERSIONS_FILE = "versions.json"  # what prepare_root installed in site/
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 
 
@@ -81,10 +84,22 @@ def qemu_aarch64(root: Path | None = None) -> str | None:
     """The path of ``qemu-aarch64``, where this x86 machine has it and a prepared ``root`` (by
     default :func:`default_root`); None: the bundle cannot be checked on Arm here."""
     qemu = shutil.which("qemu-aarch64")
-    root = default_root() if root is None else root
-    ready = python_in(root).is_file() and (root / "site").is_dir() and all(
-        (root / "cpus" / name / "proc" / "cpuinfo").is_file() for name in ARM_CPUS)
-    return qemu if qemu and platform.machine() in ("x86_64", "AMD64") and ready else None
+    if qemu is None or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return qemu if root_is_ready(default_root() if root is None else root) else None
+
+
+def runtime_versions() -> dict[str, str]:
+    """The versions of what :mod:`edgefm.runtime` imports, installed here: the board gets the same."""
+    return {name: metadata.version(name) for name in RUNTIME_PACKAGES}
+
+
+def root_is_ready(root: Path) -> bool:
+    """Whether ``root`` holds the board's Python with this machine's runtime versions (a root made
+    before an upgrade compares two different ONNX Runtimes: it is not ready)."""
+    record = root / VERSIONS_FILE
+    return (python_in(root).is_file() and record.is_file()
+            and json.loads(record.read_text()) == runtime_versions())
 
 
 def prepare_root(root: Path) -> Path:
@@ -106,7 +121,7 @@ def prepare_root(root: Path) -> Path:
          "downloading Debian's arm64 Python")
     for deb in sorted((apt_dir / "cache" / "archives").glob("*.deb")):
         _run(["dpkg-deb", "-x", str(deb), str(root / "sysroot")], f"unpacking {deb.name}")
-    pins = [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+    pins = [f"{name}=={version}" for name, version in runtime_versions().items()]
     platforms = [flag for tag in WHEEL_PLATFORMS for flag in ("--platform", tag)]
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", "--target", str(root / "site"),
           *platforms, "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:", *pins],
@@ -114,12 +129,17 @@ def prepare_root(root: Path) -> Path:
     for cpu in ARM_CPUS.values():
         cpu_root(root, cpu)
     shutil.rmtree(apt_dir)  # the packages are unpacked; their lists and files are not needed again
+    (root / VERSIONS_FILE).write_text(json.dumps(runtime_versions()))
     return root
 
 
 def cpu_root(root: Path, cpu: ArmCpu) -> Path:
-    """Make the folder qemu reads first for ``cpu`` (``-L``): the root's files, and ``cpu``'s cpuinfo."""
+    """The folder qemu reads first for ``cpu`` (``-L``): the root's files, and ``cpu``'s cpuinfo;
+    made (or mended, if :data:`ARM_CPUS` changed since the root was made) only when it differs."""
     folder = root / "cpus" / cpu.qemu
+    cpuinfo = folder / "proc" / "cpuinfo"
+    if cpuinfo.is_file() and cpuinfo.read_text() == cpu.cpuinfo():
+        return folder
     (folder / "proc").mkdir(parents=True, exist_ok=True)
     for name in ("etc", "lib", "usr"):
         link = folder / name
@@ -144,7 +164,7 @@ def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "corte
     if qemu is None:
         raise RuntimeError(f"no emulated Arm board here: needs qemu-aarch64 and {root} (make arm64-root)")
     src = Path(__file__).resolve().parents[2]  # the folder that holds the edgefm package
-    env = {**os.environ, "QEMU_LD_PREFIX": str(root / "cpus" / cpu), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "QEMU_LD_PREFIX": str(cpu_root(root, ARM_CPUS[cpu])), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root / "site"), str(src)])}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "found.npz"
@@ -198,27 +218,32 @@ def same_detections(here: list[dict], there: list[dict], min_score: float, score
     """Whether two runs found the same detections scored >= ``min_score`` in every image: as many,
     each with a twin of the same class, score within ``score_tol`` and corners within ``box_tol``
     pixels. (Overlap would not do: a box clipped to nothing at the border overlaps not even itself.)"""
-    for mine, theirs in zip(here, there, strict=True):
-        keep, other = mine["scores"] >= min_score, theirs["scores"] >= min_score
-        if keep.sum() != other.sum():
+    pairs = [*zip(here, there, strict=True), *zip(there, here, strict=True)]  # each way round
+    return all(_all_twinned(mine, theirs, min_score, score_tol, box_tol) for mine, theirs in pairs)
+
+
+def _all_twinned(mine: dict, theirs: dict, min_score: float, score_tol: float, box_tol: float) -> bool:
+    """Whether each of ``mine`` scored >= ``min_score`` has its own twin in ``theirs`` (which may
+    score up to ``score_tol`` below the threshold), the closest in corners first."""
+    fields = ("labels", "scores", "boxes")
+    candidates = theirs["scores"] >= min_score - score_tol
+    labels, scores, boxes = (theirs[key][candidates] for key in fields)
+    unused = np.ones(len(scores), bool)
+    keep = mine["scores"] >= min_score
+    for label, score, box in zip(*(mine[key][keep] for key in fields), strict=True):
+        distance = np.abs(boxes - box).max(axis=1) if len(boxes) else np.zeros(0)
+        twins = unused & (labels == label) & (np.abs(scores - score) <= score_tol) & (distance <= box_tol)
+        if not twins.any():
             return False
-        unused = np.ones(int(other.sum()), bool)
-        fields = ("labels", "scores", "boxes")
-        labels, scores, boxes = (theirs[key][other] for key in fields)
-        for label, score, box in zip(*(mine[key][keep] for key in fields), strict=True):
-            twins = (unused & (labels == label) & (np.abs(scores - score) <= score_tol)
-                     & (np.abs(boxes - box).max(axis=1) <= box_tol))
-            if not twins.any():
-                return False
-            unused[np.argmax(twins)] = False
+        unused[np.flatnonzero(twins)[np.argmin(distance[twins])]] = False
     return True
 
 
 def describe(agreement: dict[str, dict] | None, without_vnni: bool = False) -> str:
     """The check in a sentence for the book (``agreement`` from :func:`arm_agreement`; None: not run).
     ``without_vnni``: this machine is an x86 CPU without VNNI, whose 16-bit pair sums can saturate;
-    Arm's kernels add in 32 bits (``tests/test_arm64.py`` shows it), so the same detections there
-    also show that saturation did not change them here."""
+    an emulated Arm core's do not (``tests/test_arm64.py`` measures it on a Cortex-A72), so the
+    same detections there also show that saturation did not change them here."""
     if agreement is None:
         return ("This machine has no emulated Arm board (make arm64-root prepares one, with Debian's "
                 "qemu-user), so the bundle was not run on Arm in this build.")
@@ -227,20 +252,21 @@ def describe(agreement: dict[str, dict] | None, without_vnni: bool = False) -> s
         found = record["detections"]
         outputs = ("the same raw outputs as here" if record["max_abs_diff"] == 0 else
                    f"raw outputs within {record['max_abs_diff']:.2g} of this machine's")
-        there, here = found["candidate_detections"], found["reference_detections"]
-        if record["same"] and there == 0:
-            verdict = f"as here, no detection scored at least {found['min_score']:.1f}"
+        there, here, score = found["candidate_detections"], found["reference_detections"], found["min_score"]
+        if there == 0:
+            verdict = (f"as here, no detection scored at least {score:g}" if here == 0 else
+                       f"no detection scored at least {score:g}, against {here} here")
         else:
             verdict = (f"the same {there} detections" if record["same"] else
-                       f"{there} detections against {here} here, {found['precision']:.0%} of them matched"
-                       if there else f"no detection against {here} here")
-            verdict += (f" (score at least {found['min_score']:.1f}; largest score change "
-                        f"{found['max_score_gap']:.2g})")
+                       f"{there} detections against {here} here, {found['precision']:.0%} of them matched")
+            verdict += f" (score at least {score:g}; largest score change {found['max_score_gap']:.2g})"
+        images = f"{record['images']} image" + ("s" if record["images"] != 1 else "")
         sentences.append(f"On an emulated {cpu} (a {record['board']}'s core), the bundle gives {outputs} for "
-                         f"{record['images']} images and {verdict}.")
+                         f"{images} and {verdict}.")
     if without_vnni and all(record["same"] for record in agreement.values()):
-        sentences.append("Arm's kernels add INT8 products in 32 bits, as VNNI does, so on this CPU without "
-                         "VNNI the agreement also shows that saturated sums did not change C's detections.")
+        sentences.append("An emulated Arm core does not saturate its INT8 sums as this CPU without VNNI can "
+                         "(a test measures it), so the agreement also shows that saturation did not change "
+                         "the bundle's detections here.")
     return " ".join(sentences)
 
 
