@@ -145,12 +145,12 @@ def cpu_root(root: Path, cpu: ArmCpu) -> Path:
         link = folder / name
         if not link.is_symlink():
             link.symlink_to(Path("..", "..", "sysroot", name))
-    (folder / "proc" / "cpuinfo").write_text(cpu.cpuinfo())
+    cpuinfo.write_text(cpu.cpuinfo())
     return folder
 
 
-def _run(command: list[str], what: str) -> None:
-    done = subprocess.run(command, capture_output=True, text=True)
+def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed ({' '.join(command[:2])} ...):\n{done.stderr[-2000:]}")
 
@@ -171,9 +171,7 @@ def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "corte
         # -S: no site folders, which -L would find on the host (x86 packages of the same Python)
         command = [qemu, "-cpu", cpu, str(python_in(root)), "-S", "-m", "edgefm.tools.arm64", str(bundle),
                    str(out), *map(str, image_files)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"running {bundle} on an emulated {cpu} failed:\n{done.stderr[-2000:]}")
+        _run(command, f"running {bundle} on an emulated {cpu}", env)
         with np.load(out) as saved:
             return _unpack(dict(saved))
 
@@ -181,16 +179,19 @@ def detect_on_arm(bundle: Path | str, image_files: list[Path], cpu: str = "corte
 def detect_here(bundle: Path | str, image_files: list[Path]) -> dict:
     """What :func:`detect_on_arm` computes, on this machine (one thread)."""
     from edgefm.runtime import EdgeDetector, detect
-    from edgefm.runtime.images import letterbox, read_image
+    from edgefm.runtime.images import read_image
 
     if not image_files:
         raise ValueError(f"{bundle}: no image files to run the bundle on")
     detector = EdgeDetector(bundle, threads=1)
-    images = [read_image(path) for path in image_files]
-    size, pad = detector.spec.image_size, detector.spec.pad_value
-    outputs = detector.run(np.stack([letterbox(image, size, pad)[0] for image in images]))
-    found = detect(lambda _: outputs, images, detector.spec)  # from the outputs compared, not a second run
-    return {"machine": platform.machine(), "outputs": list(outputs), "detections": found}
+    outputs = []  # what the one run inside detect() computed, kept for the comparison
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        outputs.extend(detector.run(batch))
+        return tuple(outputs)
+
+    found = detect(run, [read_image(path) for path in image_files], detector.spec)
+    return {"machine": platform.machine(), "outputs": outputs, "detections": found}
 
 
 def arm_agreement(bundle: Path | str, image_files: list[Path], cpus: tuple[str, ...] = tuple(ARM_CPUS),
