@@ -221,12 +221,12 @@ def ensure_finetuned(profile: Profile | str | None = None, init: str | None = No
                   label_fraction=label_fraction or profile.finetune.label_fraction, **overrides)
     if cfg.init not in INITS:
         raise ValueError(f"unknown init {cfg.init!r}; use 'mae' or 'random'")
-    dataset = ensure_dataset(profile)
     key, mae_source = finetune_key(profile, cfg, progress)
     backbone = profile.pretrain.backbone
     own_recipe = cfg == replace(profile.finetune, init=cfg.init)
     if (shipped := shipped_detector(profile, cfg.init, key, announce=own_recipe)) is not None:
         return _read_finetuned(shipped, cfg, backbone, shipped=True)
+    dataset = ensure_dataset(profile)
     target = stage_dir(profile.name, "finetune", key)
     ensure_dir(target, lambda work: finetune(cfg, backbone, dataset, work, mae_source, progress, device,
                                              workers), config=key)

@@ -148,11 +148,8 @@ class Candidates:
     def folder(self, spec: StudentConfig, training: StudentTraining) -> Path:
         """Where a candidate's weights live: keyed by what makes it (not its name) and by the
         code that trains it, so every study, trial and rebuild that asks for it shares one run."""
-        key = {"student": replace(spec, name=""), "training": training, "model_a": self.model_a,
-               "data": self.profile.data}
-        if spec.pool:
-            key["pseudo_labels"] = self.pool()[2]
-        return stage_dir(self.profile.name, "students", key)
+        return student_folder(self.profile, spec, training, self.model_a,
+                              self.pool()[2] if spec.pool else None)
 
     def trained(self, spec: StudentConfig, training: StudentTraining) -> tuple[Detector, TrainState]:
         """The candidate after ``training``, trained now unless an earlier run left it (or the
@@ -188,6 +185,18 @@ class Candidates:
 
     def val_map(self, model: Detector) -> float:
         return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+
+
+def student_folder(profile: Profile, spec: StudentConfig, training: StudentTraining, model_a: str,
+                   pseudo_labels: str | None = None) -> Path:
+    """A candidate's folder under ``artifacts/``, named by its key: the student (not its name), its
+    training, the A it comes from (:attr:`Finetuned.identity`), the data and, for a student of the
+    pool, the pseudo-labels' folder name. A shipped candidate has the same name under
+    :func:`shipped_students`."""
+    key = {"student": replace(spec, name=""), "training": training, "model_a": model_a, "data": profile.data}
+    if pseudo_labels is not None:
+        key["pseudo_labels"] = pseudo_labels
+    return stage_dir(profile.name, "students", key)
 
 
 def shipped_students(profile: Profile) -> Path:
