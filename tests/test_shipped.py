@@ -69,3 +69,14 @@ def test_the_shipped_students_are_the_candidates_the_study_asks_for(nothing_trai
 def test_the_shipped_peer_is_the_default_peer(tmp_path, capsys):
     assert peer._shipped_state(DEFAULT, peer.peer_key(DEFAULT), tmp_path) is not None
     assert "note:" not in capsys.readouterr().out
+
+
+def test_the_shipped_search_is_the_search_the_build_asks_for(nothing_trains):
+    import optuna
+
+    name = smaller.study_name(DEFAULT, ensure_finetuned(DEFAULT, progress=False).identity)
+    storage = f"sqlite:///{smaller.shipped_study(DEFAULT)}"
+    assert name in optuna.study.get_all_study_names(storage), f"{storage} lacks {name}: ship the search again"
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= DEFAULT.smaller.search.trials
