@@ -3,6 +3,9 @@
 import re
 from functools import partial
 
+import pytest
+import torch
+
 from edgefm import plan
 from edgefm.artifacts import artifacts_root
 from edgefm.cli import main
@@ -29,14 +32,21 @@ def test_the_plan_lists_every_stage_and_counts_what_each_trains():
 
 def test_a_cost_counts_flops_and_times_a_training_step():
     cost = a_cost(load_profile("smoke"))
-    assert cost["flops_per_image"] > 0 and cost["params"] > 0 and cost["cpu_seconds_per_image"] > 0
+    assert cost["flops_per_image"] > 0 and cost["params"] > 0 and cost["seconds_per_image"] > 0
+    assert cost["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_plan_times_the_recipes_batch_there():
+    cost = a_cost(load_profile("smoke"), "auto")
+    assert cost["device"] == "cuda" and cost["seconds_per_image"] > 0
 
 
 def test_plan_for_the_full_profile_downloads_and_builds_nothing(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any attempt to reach the hub would fail
     # ViT-B at 512 px: time a step of one image, not the plan's four, to keep the test short
     monkeypatch.setattr(plan, "a_cost", partial(plan.a_cost, batch=1))
-    assert main(["--profile", "full", "plan"]) == 0
+    assert main(["--profile", "full", "plan", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     params = float(re.search(r"A has ([0-9.]+) M parameters", out).group(1))
     assert params > 86  # ViT-B's 86 M and the pyramid and head, counted on a randomly built copy

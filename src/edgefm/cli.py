@@ -32,15 +32,16 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from edgefm.plan import a_cost, stages
 
     profile = load_profile(args.profile)
-    cost = a_cost(profile)
+    cost = a_cost(profile, args.device)
+    where = cost["device"].upper() if cost["device"] != "cuda" else "GPU"
     print(f"profile {profile.name}: model A has {cost['params'] / 1e6:.1f} M parameters and "
           f"{cost['flops_per_image'] / 1e9:.2f} GFLOPs per image; one trained image of A takes "
-          f"{cost['cpu_seconds_per_image']:.2f} s on this machine's CPU (measured)")
+          f"{cost['seconds_per_image']:.3g} s on this machine's {where} (measured)")
     print("stage          trained images   at most (A's cost)   settings")
     for stage in stages(profile):
         flops = 3 * cost["flops_per_image"] * stage.train_images
-        hours = cost["cpu_seconds_per_image"] * stage.train_images / 3600
-        budget = f"{flops / 1e15:7.2f} PFLOP, {hours:6.1f} CPU h" if stage.train_images else " " * 24
+        hours = cost["seconds_per_image"] * stage.train_images / 3600
+        budget = f"{flops / 1e15:7.2f} PFLOP, {hours:6.1f} {where} h" if stage.train_images else " " * 24
         print(f"{stage.name:<14} {stage.train_images:>14,d}   {budget}   {stage.what}; {stage.settings}")
 
 
@@ -574,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="every stage of the profile, what sizes it and what it would "
                                "cost at most (from model A's FLOPs and one timed step); downloads nothing")
+    plan.add_argument("--device", choices=DEVICES, default="auto",
+                      help="where a step of A is timed (default: auto, this machine's GPU if it has one)")
     plan.set_defaults(run=_cmd_plan)
 
     validate = commands.add_parser("validate", help="check a COCO-format dataset for errors")

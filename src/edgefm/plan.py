@@ -4,10 +4,10 @@ A reader about to run the ``full`` profile (ViT-B at 512 px) wants to know what 
 and roughly what it costs, without downloading the hub weights or building any data. The plan
 lists every stage with the settings that size it and the images it trains on; the cost is bounded
 by model A's: the detector is built with random weights (no download), its FLOPs per image are
-counted, one step of the training loop is timed on this machine's CPU, and every trained image is priced at
-A's cost. Students, the peer and MAE pretraining (a quarter of the tokens) cost less per image
-than A, so the estimate is an upper bound; a GPU divides it by the ratio of the two machines'
-throughputs, which the plan cannot know.
+counted, steps of the training loop are timed on this machine's device (its GPU when it has one,
+with the training's bf16 autocast; else its CPU), and every trained image is priced at A's cost.
+Students, the peer and MAE pretraining (a quarter of the tokens) cost less per image than A, so
+the estimate is an upper bound. Run the plan where the book will be built: its hours hold there.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.stages.finetune import build_detector
 from edgefm.stages.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
 from edgefm.tools.bench import count_flops
-from edgefm.tools.training import Schedule, StepData, fit
+from edgefm.tools.training import Schedule, StepData, fit, resolve_device
 
 
 @dataclass(frozen=True)
@@ -121,37 +121,44 @@ def stages(profile: Profile) -> list[PlannedStage]:
 
 
 class _Timed(Exception):
-    """Raised as the third step begins: the timed step is over, and nothing more is needed."""
+    """Raised as the step after the timed ones begins: nothing more is needed."""
 
 
-def a_cost(profile: Profile, batch: int = 4) -> dict:
-    """Model A's FLOPs per image (forward) and the seconds one trained image takes on this
-    machine's CPU: a step of ``batch`` images (at most the recipe's) of the training loop itself
-    (:func:`~edgefm.tools.training.fit`, with the recipe's clipping), timed after an untimed one;
-    the run is stopped as the third step begins, before any checkpoint is written. A busy machine
-    inflates the time: plan on an idle one."""
+def a_cost(profile: Profile, device: str = "cpu", batch: int | None = None) -> dict:
+    """Model A's FLOPs per image (forward) and the seconds one trained image takes on ``device``
+    (``auto``: this machine's GPU if it has one): steps of ``batch`` images (default: 4 on a CPU,
+    to keep the plan short; the recipe's batch on a GPU) of the training loop itself
+    (:func:`~edgefm.tools.training.fit`, with the recipe's clipping and autocast), timed after
+    untimed warm-up steps; the run stops before any checkpoint is written. A busy machine inflates
+    the time: plan on an idle one."""
     cfg = profile.finetune
-    batch = min(batch, cfg.batch_size)
+    where = resolve_device(device)
+    warm, timed = (1, 1) if where.type == "cpu" else (3, 5)  # a GPU's first steps tune its kernels
+    batch = min(batch or (4 if where.type == "cpu" else cfg.batch_size), cfg.batch_size)
     model = build_detector(cfg.detector, profile.pretrain.backbone, num_classes=1)
     flops = count_flops(model, cfg.detector.image_size)
     size = cfg.detector.image_size
     box = {"boxes": torch.tensor([[size / 4, size / 4, size / 2, size / 2]]), "labels": torch.tensor([0])}
     data = StepData([(torch.rand(3, size, size), box)] * batch, batch, seed=0,
                     collate=EncodeTargets(1, model.stride))
-    starts: list[float] = []  # when each step began: the second step is the timed one
+    starts: list[float] = []  # when each step began: those after the warm-up ones are timed
 
     def loss(model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets = batch
         return centernet_loss(model(images), targets, model.stride)
 
     def before_step(step: int) -> None:
+        if where.type == "cuda":
+            torch.cuda.synchronize()
         starts.append(time.perf_counter())
-        if step == 2:
+        if step == warm + timed:
             raise _Timed
 
+    steps = warm + timed + 1
     with tempfile.TemporaryDirectory() as folder, contextlib.suppress(_Timed):
         fit(model, torch.optim.AdamW(model.parameters(), lr=1e-4), loss, data,
-            Schedule(3, 0, cfg.grad_clip, checkpoint_every=3), Path(folder) / "checkpoint.pt", device="cpu",
-            workers=0, before_step=before_step, progress=False)
+            Schedule(steps, 0, cfg.grad_clip, checkpoint_every=steps), Path(folder) / "checkpoint.pt",
+            device=str(where), workers=0, before_step=before_step, progress=False)
+    seconds = (starts[warm + timed] - starts[warm]) / (timed * batch)
     return {"flops_per_image": flops, "params": sum(p.numel() for p in model.parameters()),
-            "cpu_seconds_per_image": (starts[2] - starts[1]) / batch}
+            "device": where.type, "seconds_per_image": seconds}
