@@ -160,3 +160,27 @@ def test_the_command_compares_a_bundle_on_one_core_and_writes_the_record(int8_bu
     record = json.loads((tmp_path / "arm.json").read_text())
     assert list(record) == ["cortex-a72"] and record["cortex-a72"]["images"] == 2
     assert "Raspberry Pi 4" in capsys.readouterr().out
+
+
+@needs_board
+def test_the_bundle_scores_the_same_map_on_emulated_arm_as_here(int8_bundle, tmp_path):
+    """Truth made of the bundle's own confident detections here: it scores well here, and the Arm
+    run, which finds the same detections, scores the same (a misread kernel would score far less)."""
+    bundle, files, _ = int8_bundle
+    found = arm64.detect_here(bundle, files)["detections"]
+    annotations = []
+    for image_id, detections in enumerate(found, start=1):
+        for box, score, label in zip(*(detections[k] for k in ("boxes", "scores", "labels")), strict=True):
+            x0, y0, x1, y1 = map(float, box)
+            if score >= 0.25 and x1 - x0 > 1 and y1 - y0 > 1:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
+                                    "category_id": int(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                    "area": (x1 - x0) * (y1 - y0)})
+    coco = json.loads((files[0].parent.parent / "instances.json").read_text())
+    names = ["cat", "dog", "bird"]
+    coco.update(annotations=annotations, categories=[{"id": i + 1, "name": n} for i, n in enumerate(names)])
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    record = arm64.map_on_arm(bundle, CocoSplit(tmp_path / "instances.json", files[0].parent), bootstrap=50)
+    assert annotations and record["images"] == len(files) and record["board"] == "Raspberry Pi 4"
+    assert record["map_here"] > 0.5
+    assert abs(record["gap"]) < 0.01 and record["gap_ci"][0] <= record["gap"] <= record["gap_ci"][1]

@@ -52,6 +52,7 @@ from edgefm.stages.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer,
 from edgefm.stages.quantization import ensure_quantization
 from edgefm.stages.smaller import ensure_smaller, load_b
 from edgefm.targets import TARGETS
+from edgefm.tools.arm64 import map_on_arm, qemu_aarch64
 from edgefm.tools.bench import (
     Variant,
     benchmark,
@@ -202,6 +203,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     avx2 = evaluate_on_avx2(bundle / MODEL_FILE, dataset.eval, cfg, b.stride)
     results["c_without_vnni"] = None if avx2 is None else {
         "cpu": EMULATED_CPU, "map": avx2["map"], "map50": avx2["map50"], "map_here": c_record["map"]}
+    # and as a Raspberry Pi 4's core computes them, which sums INT8 products in 32 bits as VNNI does
+    results["c_on_arm"] = map_on_arm(bundle, dataset.eval, bootstrap=BOOTSTRAP) if qemu_aarch64() else None
     results.update(recipe=recipe, recipe_chosen_on="val", b_config=smaller["b_config"],
                    b_training=smaller["b_training"],
                    bundle=asdict(spec), targets=report,
