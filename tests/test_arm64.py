@@ -168,15 +168,16 @@ def test_the_bundle_scores_the_same_map_on_emulated_arm_as_here(int8_bundle, tmp
     run, which finds the same detections, scores the same (a misread kernel would score far less)."""
     bundle, files, _ = int8_bundle
     found = arm64.detect_here(bundle, files)["detections"]
+    coco = json.loads((files[0].parent.parent / "instances.json").read_text())
+    id_of = {info["file_name"]: info["id"] for info in coco["images"]}
     annotations = []
-    for image_id, detections in enumerate(found, start=1):
+    for image_id, detections in zip((id_of[path.name] for path in files), found, strict=True):
         for box, score, label in zip(*(detections[k] for k in ("boxes", "scores", "labels")), strict=True):
             x0, y0, x1, y1 = map(float, box)
             if score >= 0.25 and x1 - x0 > 1 and y1 - y0 > 1:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
                                     "category_id": int(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
                                     "area": (x1 - x0) * (y1 - y0)})
-    coco = json.loads((files[0].parent.parent / "instances.json").read_text())
     names = ["cat", "dog", "bird"]
     coco.update(annotations=annotations, categories=[{"id": i + 1, "name": n} for i, n in enumerate(names)])
     (tmp_path / "instances.json").write_text(json.dumps(coco))
@@ -184,3 +185,35 @@ def test_the_bundle_scores_the_same_map_on_emulated_arm_as_here(int8_bundle, tmp
     assert annotations and record["images"] == len(files) and record["board"] == "Raspberry Pi 4"
     assert record["map_here"] > 0.5
     assert abs(record["gap"]) < 0.01 and record["gap_ci"][0] <= record["gap"] <= record["gap_ci"][1]
+
+
+def test_the_map_on_arm_pairs_ids_categories_and_images_as_the_split_has_them(int8_bundle, tmp_path,
+                                                                               monkeypatch):
+    """Without a board: the "Arm" run is this machine's, so the gap must be exactly 0, on a split whose
+    image ids are not 1..N, whose category ids are not 1..K, scored on its first images only."""
+    bundle, files, _ = int8_bundle
+    found = arm64.detect_here(bundle, files)["detections"]
+    ids, categories = [70, 12, 5, 33], [7, 3, 11]  # class index i is the i-th category by id: 3, 7, 11
+    by_id = sorted(categories)
+    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in categories]}
+    for path, image_id, detections in zip(files, ids, found, strict=True):
+        width, height = Image.open(path).size
+        coco["images"].append({"id": image_id, "file_name": path.name, "width": width, "height": height})
+        for box, score, label in zip(*(detections[k] for k in ("boxes", "scores", "labels")), strict=True):
+            x0, y0, x1, y1 = map(float, box)
+            if score >= 0.25 and x1 - x0 > 1 and y1 - y0 > 1:
+                coco["annotations"].append({
+                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "iscrowd": 0,
+                    "category_id": by_id[int(label)], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0)})
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+
+    def here_as_there(bundle, files, cpu, root):
+        return arm64.detect_here(bundle, files)
+
+    monkeypatch.setattr(arm64, "detect_on_arm", here_as_there)
+    split = CocoSplit(tmp_path / "instances.json", files[0].parent)
+    record = arm64.map_on_arm(bundle, split, images=3, bootstrap=20)
+    assert record["images"] == 3 and record["gap"] == 0 and record["gap_ci"] == [0.0, 0.0]
+    assert record["map_here"] > 0.5  # ids, categories and the subset's truth line up with the detections
+    assert arm64.map_on_arm(bundle, split, bootstrap=0)["gap_ci"] is None

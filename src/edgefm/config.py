@@ -360,6 +360,9 @@ class Profile:
     peer: PeerConfig = field(default_factory=PeerConfig)
     # eval scenes on which the deployed bundle's detections are compared with B's in PyTorch
     agreement_images: int = 100
+    # eval scenes (the first ones) on which C's mAP is also computed on an emulated Arm core, where
+    # one is prepared (0: never); emulation runs a model about a hundred times slower than here
+    arm_images: int = 500
     # True: the feasibility study's long runs (A, its twin, ...) are shipped in weights/ (made by
     # `edgefm long-runs`); a missing or mismatched one is trained here, with a note
     shipped: bool = False
@@ -436,7 +439,9 @@ def _full() -> Profile:
         long_students=tuple(replace(s, depth=6) for s in default.long_students),
         search=replace(default.search, depths=(4, 6, 8), image_sizes=(384, 448, 512)),
         search_start=replace(default.search_start, depth=6))
-    return Profile(name="full", data=data, pretrain=pretrain, finetune=finetune, smaller=smaller)
+    # a ViT-B student at 384-512 px would take minutes an image under emulation: no mAP on Arm
+    return Profile(name="full", data=data, pretrain=pretrain, finetune=finetune, smaller=smaller,
+                   arm_images=0)
 
 
 _BUILDERS = {"smoke": _smoke, "default": _default, "full": _full}

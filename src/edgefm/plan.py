@@ -7,7 +7,9 @@ by model A's: the detector is built with random weights (no download), its FLOPs
 counted, steps of the training loop are timed on this machine's device (its GPU when it has one,
 with the training's bf16 autocast; else its CPU), and every trained image is priced at A's cost.
 Students, the peer and MAE pretraining (a quarter of the tokens) cost less per image than A, so
-the estimate is an upper bound. Run the plan where the book will be built: its hours hold there.
+the estimate bounds the training (QAT, which runs in FP32 with fake quantization, excepted on a
+GPU); evaluation, ONNX Runtime benchmarks and emulated checks run on the CPU and are not in it.
+Run the plan where the book will be built: its hours hold there.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def a_cost(profile: Profile, device: str = "cpu", batch: int | None = None) -> d
     def before_step(step: int) -> None:
         if where.type == "cuda":
             torch.cuda.synchronize()
+        elif where.type == "mps":
+            torch.mps.synchronize()
         starts.append(time.perf_counter())
         if step == warm + timed:
             raise _Timed

@@ -204,7 +204,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     results["c_without_vnni"] = None if avx2 is None else {
         "cpu": EMULATED_CPU, "map": avx2["map"], "map50": avx2["map50"], "map_here": c_record["map"]}
     # and as a Raspberry Pi 4's core computes them, which sums INT8 products in 32 bits as VNNI does
-    results["c_on_arm"] = map_on_arm(bundle, dataset.eval, bootstrap=BOOTSTRAP) if qemu_aarch64() else None
+    results["c_on_arm"] = (map_on_arm(bundle, dataset.eval, images=profile.arm_images, bootstrap=BOOTSTRAP)
+                           if qemu_aarch64() and profile.arm_images else None)
     results.update(recipe=recipe, recipe_chosen_on="val", b_config=smaller["b_config"],
                    b_training=smaller["b_training"],
                    bundle=asdict(spec), targets=report,
@@ -306,7 +307,8 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
                 "smaller": Path(ensure_smaller(profile, progress)["folder"]).name,
                 "peer": Path(ensure_peer(profile, progress)["folder"]).name}
     key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
-           "agreement_images": profile.agreement_images}
+           "agreement_images": profile.agreement_images, "arm_images": profile.arm_images,
+           "arm_board": qemu_aarch64() is not None}  # a board prepared later is a new deployment
     results = stage(profile.name, "deployment", key, lambda work: _build(work, profile, progress))
     results["bundle_folder"] = str(Path(results["folder"]) / "bundle")
     write_metrics(profile.name, "summary", summary(results))

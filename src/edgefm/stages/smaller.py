@@ -127,8 +127,7 @@ class Candidates:
             if self.dataset.pool is None:
                 raise ValueError(f"{self.dataset.root}: this dataset has no unlabelled pool to pseudo-label; "
                                  "leave 'pool' out of the training modes")
-            key = {"model_a": self.model_a, "data": self.profile.data,
-                   "images": self.profile.smaller.pool_images}
+            key = pseudo_labels_key(self.profile, self.model_a)
             target = ensure_dir(stage_dir(self.profile.name, "pseudo", key), self._label, config=key)
             pool = CocoDetection(CocoSplit(target / "pool.json", self.dataset.pool),
                                  detection_transforms(self.detector.image_size, train=True))
@@ -185,6 +184,12 @@ class Candidates:
 
     def val_map(self, model: Detector) -> float:
         return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+
+
+def pseudo_labels_key(profile: Profile, model_a: str) -> dict:
+    """What A's pseudo-labels of the pool depend on: A (:attr:`Finetuned.identity`), the data and
+    how many pool images are labelled; their folder's name keys the students trained on them."""
+    return {"model_a": model_a, "data": profile.data, "images": profile.smaller.pool_images}
 
 
 def student_folder(profile: Profile, spec: StudentConfig, training: StudentTraining, model_a: str,
