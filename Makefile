@@ -13,12 +13,14 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # book/_ext/edgefm_cache.py re-executes every chapter after a change to the library or weights/.
 BUILD_ROOT = $(if $(filter default,$(1)),.,_build/$(1))
 
-.PHONY: setup system-deps apt-get-fashion-mnist apt-get-qemu-user arm64-root browser apt-get-chromium book book-smoke pdf test lint clean
+.PHONY: setup system-deps apt-get-venv apt-get-fashion-mnist apt-get-qemu-user arm64-root browser apt-get-chromium book book-smoke pdf test lint clean
 
 setup: $(VENV)/.installed system-deps arm64-root
 
+# A venv without pip (Debian's Python lacks ensurepip until python3.X-venv is installed) is made again.
 $(VENV)/.installed: requirements.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
+		|| { $(MAKE) --no-print-directory apt-get-venv && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
@@ -59,12 +61,15 @@ $(ARM64_ROOT).stamp: requirements.txt | $(VENV)/.installed system-deps
 	else rm -rf $(ARM64_ROOT).tmp; echo "note: could not prepare $(ARM64_ROOT): the bundle is not checked on Arm"; fi
 	@touch $@
 
+apt-get-venv:
+	$(call apt_install,$(notdir $(PYTHON))-venv,install the venv module of $(PYTHON))
+
 apt-get-fashion-mnist:
 	$(call apt_install,dataset-fashion-mnist,set EDGEFM_FASHION_MNIST to a folder with the files or EDGEFM_DOWNLOAD=1)
 
 # Chromium for the site test and the PDF (Debian's package; Playwright downloads no browser).
 browser:
-	@command -v chromium >/dev/null || $(MAKE) --no-print-directory apt-get-chromium
+	@[ -n "$$EDGEFM_CHROMIUM" ] || command -v chromium >/dev/null || $(MAKE) --no-print-directory apt-get-chromium
 
 apt-get-chromium:
 	$(call apt_install,chromium,the site test is skipped and make pdf fails)
@@ -92,7 +97,7 @@ pdf: setup browser
 	cp $(call BUILD_ROOT,$(PROFILE))/_build/singlehtml/book/intro.html \
 		$(call BUILD_ROOT,$(PROFILE))/_build/singlehtml/edgefm.html
 	# a virtual-time budget: offline, the page's web fonts and MathJax never arrive; don't wait for them
-	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run \
+	$${EDGEFM_CHROMIUM:-chromium} --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run \
 		--disable-component-update --virtual-time-budget=20000 --run-all-compositor-stages-before-draw \
 		--no-pdf-header-footer --print-to-pdf=_build/pdf/edgefm-$(PROFILE).pdf \
 		file://$(abspath $(call BUILD_ROOT,$(PROFILE)))/_build/singlehtml/edgefm.html

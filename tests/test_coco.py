@@ -32,6 +32,13 @@ def test_sample_has_xyxy_boxes_and_contiguous_labels(tmp_path):
     assert dataset.class_names == ["thing", "other"] and target["image_id"] == 7
 
 
+def test_a_split_given_as_strings_reads_as_one_given_as_paths(tmp_path):
+    split = make_split(tmp_path)
+    as_text = CocoSplit(str(split.annotations), str(split.images))  # as the README's example writes it
+    assert as_text == split
+    assert CocoDetection(as_text)[0][1]["boxes"].tolist() == CocoDetection(split)[0][1]["boxes"].tolist()
+
+
 def test_letterbox_maps_boxes_and_records_scale(tmp_path):
     dataset = CocoDetection(make_split(tmp_path), detection_transforms(80, train=False))
     image, target = dataset[0]

@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "optuna, benchmark them all (cached; resumes if interrupted)")
     smaller.add_argument("--storage", default=None, help="optuna storage URL for the search, e.g. "
                          "postgresql://host/db: processes given the same URL share the trials "
-                         "(default: SQLite in the stage folder)")
+                         "(default: SQLite in artifacts/<profile>/search/model-b.db, started from studies/ "
+                         "when the book ships a study)")
     smaller.add_argument("--trials", type=_at_least(1), default=None, help="finished trials the search needs "
                          "(default: the profile's)")
     smaller.add_argument("--ship", action="store_true", help="copy the study's long runs (B, its control, "

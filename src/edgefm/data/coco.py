@@ -24,10 +24,14 @@ from edgefm.runtime.images import read_image
 
 @dataclass(frozen=True)
 class CocoSplit:
-    """Where one split lives: its ``instances.json`` and its image folder."""
+    """Where one split lives: its ``instances.json`` and its image folder (paths or strings)."""
 
     annotations: Path
     images: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "annotations", Path(self.annotations))
+        object.__setattr__(self, "images", Path(self.images))
 
 
 _BOX_TOLERANCE = 0.5  # pixels; float boxes from converters may graze the border

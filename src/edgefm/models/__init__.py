@@ -1,4 +1,5 @@
-"""Models: the ViT backbone adapted from MAE weights (and, later, the detector built on it)."""
+"""Models: the ViT backbone adapted from MAE weights, the feature pyramid, the CenterNet-style head
+and the detector built from them (``edgefm.models.detector``)."""
 
 from edgefm.models.vit import CheckpointError, ViTBackbone, build_vit, load_mae_backbone, random_mae_backbone
 
