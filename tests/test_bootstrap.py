@@ -76,6 +76,18 @@ def test_interval_brackets_the_map_and_narrows_with_more_images(tmp_path):
                           bootstrap_map(evaluated(*synthetic(tmp_path)), 50, seed=3))
 
 
+def test_a_subset_of_images_scores_as_a_truth_file_of_those_images_alone(tmp_path):
+    def first_five(results: list[dict]) -> list[dict]:  # fresh copies: COCO.loadRes writes into them
+        return [dict(r) for r in results if r["image_id"] <= 5]
+
+    full, results = synthetic(tmp_path)
+    alone, own_results = synthetic(tmp_path, copies={i: int(i < 5) for i in range(12)})
+    assert own_results == first_five(results)
+    subset = coco_evaluate(full, first_five(results), bootstrap=50, image_ids=[1, 2, 3, 4, 5])
+    assert subset == coco_evaluate(alone, own_results, bootstrap=50)
+    assert subset["map"] > coco_evaluate(full, first_five(results))["map"]  # else the rest counts as missed
+
+
 def test_a_gap_counts_only_beyond_both_half_widths():
     a = {"map": 0.40, "map_ci": [0.38, 0.42]}
     assert interval_gap(a, {"map": 0.35, "map_ci": [0.33, 0.37]})["significant"]

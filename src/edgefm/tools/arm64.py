@@ -221,17 +221,12 @@ def map_on_arm(bundle: Path | str, split, cpu: str = "cortex-a72", root: Path | 
     chosen = scenes.images[:images]
     files = [split.images / info["file_name"] for info in chosen]
     ids = [info["id"] for info in chosen]
-    with tempfile.TemporaryDirectory() as folder:
-        truth = Path(folder) / "instances.json"  # the chosen images' truth: the rest would count as missed
-        kept = set(ids)
-        truth.write_text(json.dumps({**scenes.coco, "images": chosen, "annotations": [
-            a for a in scenes.coco["annotations"] if a["image_id"] in kept]}), encoding="utf-8")
 
-        def scored(run: dict) -> dict:
-            records = to_coco_results(run["detections"], ids, [1.0] * len(ids), scenes.category_ids)
-            return coco_evaluate(truth, records, bootstrap, samples=bootstrap > 0)
+    def scored(run: dict) -> dict:
+        records = to_coco_results(run["detections"], ids, [1.0] * len(ids), scenes.category_ids)
+        return coco_evaluate(split.annotations, records, bootstrap, samples=bootstrap > 0, image_ids=ids)
 
-        here, there = scored(detect_here(bundle, files)), scored(detect_on_arm(bundle, files, cpu, root))
+    here, there = scored(detect_here(bundle, files)), scored(detect_on_arm(bundle, files, cpu, root))
     return {"cpu": cpu, "board": ARM_CPUS[cpu].board, "images": len(files), "map_here": here["map"],
             "map_arm": there["map"], "gap": there["map"] - here["map"],
             "gap_ci": gap_interval(there["map_samples"], here["map_samples"]) if bootstrap else None}

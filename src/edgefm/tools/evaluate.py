@@ -57,8 +57,10 @@ def to_coco_results(
     return records
 
 
-def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0, samples: bool = False) -> dict:
-    """mAP@[.5:.95], mAP@.5, mAP@.75, mAP by size and AP per class (fractions in [0, 1]).
+def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0, samples: bool = False,
+                  image_ids: list[int] | None = None) -> dict:
+    """mAP@[.5:.95], mAP@.5, mAP@.75, mAP by size and AP per class (fractions in [0, 1]), over
+    the images ``image_ids`` (default: all; the others' objects are left out, not missed).
 
     Classes or sizes absent from the ground truth get ``None`` (COCOeval's -1). With
     ``bootstrap`` > 0, ``map_ci`` is the 95 % interval of mAP over that many resamplings of the
@@ -72,6 +74,8 @@ def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0, sa
             empty = {"map_ci": [0.0, 0.0], **({"map_samples": [0.0] * bootstrap} if samples else {})}
             return {**_empty(truth), **(empty if bootstrap else {})}
         evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
+        if image_ids is not None:
+            evaluation.params.imgIds = sorted(image_ids)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
