@@ -75,7 +75,7 @@ def coco_evaluate(annotations: Path, results: list[dict], bootstrap: int = 0, sa
             return {**_empty(truth), **(empty if bootstrap else {})}
         evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
         if image_ids is not None:
-            evaluation.params.imgIds = sorted(image_ids)
+            evaluation.params.imgIds = list(image_ids)  # COCOeval sorts and dedupes them
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
