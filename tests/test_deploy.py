@@ -275,6 +275,39 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert (copied / "model.ort").is_file()
     with pytest.raises(FileExistsError, match="not empty"):
         copy_bundle(results, copied)
+    _a_new_bench_config_re_times_and_does_nothing_else(results, study)
+
+
+def _a_new_bench_config_re_times_and_does_nothing_else(results: dict, study: dict) -> None:
+    """Measuring differently (another BenchConfig) times A's variants and the final benchmark
+    again; no model is trained, exported, quantized or scored again, and no emulator runs. The
+    recipe is held to the one chosen before: new timings that choose another one make a new C."""
+    from dataclasses import replace
+
+    from edgefm.stages import quantization
+    from edgefm.tools import evaluate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a new BenchConfig computed more than timings")
+
+    profile = load_profile("smoke")
+    bench = replace(profile.quantize.bench, runs=profile.quantize.bench.runs + 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)  # the one training loop's step
+        patch.setattr(evaluate, "coco_evaluate", not_again)  # every mAP
+        patch.setattr(deploy, "choose_recipe", lambda study, post_training=False:
+                      results["peer"]["recipe"] if post_training else results["recipe"])
+        for module in (quantization, deploy):
+            for name in ("export_onnx", "quantize", "avx2_agreement", "evaluate_on_avx2", "map_on_arm"):
+                if hasattr(module, name):
+                    patch.setattr(module, name, not_again)
+        again = compress(replace(profile, quantize=replace(profile.quantize, bench=bench)), progress=False)
+    again_study = read_metrics("smoke", "quantization")
+    for old, new in ((study, again_study), (results, again)):
+        assert new["settings"]["runs"] == bench.runs and new["folder"] != old["folder"]
+        assert [r["map"] for r in new["variants"]] == [r["map"] for r in old["variants"]]
+    assert again["recipe"] == results["recipe"] and again["map_drop_ci"] == results["map_drop_ci"]
+    assert (Path(again["bundle_folder"]) / "model-card.md").is_file()
 
 
 def test_a_post_training_recipe_of_the_study_quantizes_b_the_same_way(fashion_dir, tmp_path):

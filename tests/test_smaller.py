@@ -82,6 +82,7 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert records[-2]["params"] < records[0]["params"]  # B, smaller than A
     again = ensure_smaller("smoke", progress=False)  # built: the second call loads it
     assert again["folder"] == results["folder"] and again["chosen_trial"] == results["chosen_trial"]
+    _a_new_bench_config_re_times_and_does_nothing_else(results)
     b = load_b("smoke")
     heat, boxes = b(torch.rand(1, 3, 64, 64))
     assert heat.shape[1] == 10 and boxes.shape[1] == 4
@@ -155,3 +156,26 @@ def test_a_shipped_study_seeds_the_stage_storage(tmp_path, monkeypatch):
     other = replace(profile, smaller=replace(profile.smaller, search=replace(profile.smaller.search,
                                                                              storage="postgresql://db/edgefm")))
     assert search_storage(other) == "postgresql://db/edgefm"
+
+
+def _a_new_bench_config_re_times_and_does_nothing_else(results: dict) -> None:
+    """Timing the candidates differently (another BenchConfig) starts a new search, whose trials
+    find their students trained and scored: nothing is trained or scored again. (The smoke search's
+    trials are all startup trials, drawn whatever the timings; a longer search may let the new
+    timings choose other trials, which then train.)"""
+    from edgefm.tools import evaluate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a new BenchConfig computed more than timings")
+
+    profile = load_profile("smoke")
+    bench = replace(profile.smaller.bench, runs=profile.smaller.bench.runs + 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)  # the one training loop's step
+        patch.setattr(evaluate, "coco_evaluate", not_again)  # every mAP
+        timed_again = replace(profile, smaller=replace(profile.smaller, bench=bench))
+        again = ensure_smaller(timed_again, progress=False)
+    assert again["folder"] != results["folder"] and again["bench"]["settings"]["runs"] == bench.runs
+    assert again["trials_run"] == len(results["trials"]) and again["b_config"] == results["b_config"]
+    assert [r["map"] for r in again["bench"]["variants"]] == [r["map"] for r in results["bench"]["variants"]]
+    assert again["arms"] == results["arms"] and again["pruning"] == results["pruning"]

@@ -335,7 +335,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     results = ensure_quantization(load_profile(args.profile))
     _print_variants(results["variants"], (1, 2))
-    print(f"models: {results['folder']}")
+    print(f"models: {results['models_folder']}")
 
 
 def _cmd_smaller(args: argparse.Namespace) -> None:

@@ -6,6 +6,8 @@ study of A (:func:`choose_recipe`). C goes into a *bundle* folder with what a de
 it and a model card with the measured figures (:mod:`edgefm.tools.bundle`). One
 :func:`~edgefm.tools.bench.benchmark` run measures A, A in INT8, B, B in ONNX, C and the peer
 (:mod:`edgefm.stages.peer`) against each other; :mod:`edgefm.report` turns the records into verdicts.
+What the variants compute (mAP, agreement, the emulated CPUs) is kept apart from their timing, keyed
+without the :class:`~edgefm.config.BenchConfig`, so measuring differently re-times only.
 ``metrics/deployment.json`` keeps all of it and ``metrics/summary.json`` the figures of C against
 A and the book's targets.
 """
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from edgefm.artifacts import atomic_path, atomic_write_json, stage, write_metrics
+from edgefm.artifacts import atomic_path, atomic_write_json, ensure_dir, stage, stage_dir, write_metrics
 from edgefm.config import BenchConfig, DetectorConfig, Profile, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.data.coco import CocoDetection, CocoSplit
@@ -44,12 +46,12 @@ from edgefm.report import (
     summary,
     targets_report,
 )
-from edgefm.runtime import EdgeDetector, onnx_runner, open_session
+from edgefm.runtime import EdgeDetector, onnx_runner, open_session, read_bundle
 from edgefm.runtime.images import read_image
 from edgefm.stages.finetune import ensure_finetuned, load_detector
 from edgefm.stages.peer import ONNX_FILE as PEER_ONNX
 from edgefm.stages.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
-from edgefm.stages.quantization import ensure_quantization
+from edgefm.stages.quantization import MADE_FILE, ensure_quantization
 from edgefm.stages.smaller import ensure_smaller, load_b
 from edgefm.targets import TARGETS
 from edgefm.tools.arm64 import map_on_arm, qemu_aarch64
@@ -139,16 +141,37 @@ def quantize_like_a(model: nn.Module, recipe: str, study: dict, work: Path, trai
                     study_recipe(study, recipe), calibration)
 
 
-def _build(work: Path, profile: Profile, progress: bool) -> dict:
+def _variants(models: Path, made: dict, profile: Profile) -> list[Variant]:
+    """The final benchmark's variants (A first: the reference), from the files in ``models``."""
+    trained = ensure_finetuned(profile, progress=False)
+    size = trained.config.detector.image_size
+    study = ensure_quantization(profile, progress=False)
+    peer = ensure_peer(profile, progress=False)
+    study_file = lambda name: Path(study["models_folder"]) / study["files"][name]  # noqa: E731
+    a = module_variant(load_detector(trained), size, A_TORCH)
+    b = module_variant(load_b(profile), size, B_TORCH)
+    bundle = models / "bundle"
+    peer_fp32 = Variant(PEER_ORT, onnx=Path(peer["folder"]) / PEER_ONNX, flops=peer["flops"],
+                        params=peer["params"])
+    return [a, a.exported(A_ORT, study_file("ORT FP32 (all)")),
+            a.exported(f"A {made['recipe']}", study_file(made["recipe"]), "int8"),
+            b, b.exported(B_ORT, models / "b-fp32.onnx"),
+            b.exported(C_INT8, bundle / MODEL_FILE, "int8"),
+            b.exported("C (.ort)", bundle / made["bundle"]["ort_model"], "int8"),
+            peer_fp32, peer_fp32.exported(PEER_INT8, models / "peer.onnx", "int8")]
+
+
+def _make(work: Path, profile: Profile, recipe: str, peer_recipe: str, progress: bool) -> dict:
+    """C, its bundle (without the model card, which holds timings) and the peer in INT8, and what
+    every variant of the final benchmark computes: all of the deployment but its timing, so a new
+    :class:`~edgefm.config.BenchConfig` reuses it."""
     trained = ensure_finetuned(profile, progress=progress)
-    model_a, cfg = load_detector(trained), trained.config.detector
-    study, smaller = ensure_quantization(profile, progress), ensure_smaller(profile, progress)
-    b = load_b(profile)
+    cfg = trained.config.detector
+    study, b = ensure_quantization(profile, progress), load_b(profile)
     peer = ensure_peer(profile, progress)
     peer_model = load_peer(Path(peer["folder"]), len(trained.class_names), cfg, profile.peer)
     dataset = ensure_dataset(profile)
     size = cfg.image_size
-    recipe = choose_recipe(study)
     c_path = quantize_like_a(copy.deepcopy(b), recipe, study, work, dataset.train, profile, progress)
     isa_scenes = CalibrationScenes(dataset.val, size, profile.quantize.isa_images).batches[0]
     checked = avx2_agreement([c_path], isa_scenes)
@@ -156,72 +179,101 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
             "without_vnni": None if checked is None else checked[str(c_path)]}
     bundle = work / "bundle"
     spec = write_bundle(bundle, c_path, trained.class_names, cfg, b.stride, name="C", int8=int8)
-
-    peer_recipe = choose_recipe(study, post_training=True)
     peer_int8 = quantize_like_a(PeerNetwork(peer_model), peer_recipe, study, work, dataset.train, profile,
                                 progress, name="peer")
-
-    a = module_variant(model_a, size, A_TORCH)
-    b_variant = module_variant(b, size, B_TORCH)
-    peer_variant = Variant(PEER_ORT, onnx=Path(peer["folder"]) / PEER_ONNX, flops=peer["flops"],
-                           params=peer["params"])
-    study_file = lambda name: Path(study["folder"]) / study["files"][name]  # noqa: E731
-    variants = [a, a.exported(A_ORT, study_file("ORT FP32 (all)")),
-                a.exported(f"A {recipe}", study_file(recipe), "int8"),
-                b_variant, b_variant.exported(B_ORT, export_onnx(b, work / "b-fp32.onnx", size)),
-                b_variant.exported(C_INT8, bundle / MODEL_FILE, "int8"),
-                b_variant.exported("C (.ort)", bundle / spec.ort_model, "int8"),
-                peer_variant, peer_variant.exported(PEER_INT8, peer_int8, "int8")]
+    export_onnx(b, work / "b-fp32.onnx", size)
+    made = {"recipe": recipe, "peer_recipe": peer_recipe, "bundle": asdict(spec)}
+    variants = _variants(work, made, profile)
+    decoding = _decoding(variants, variants[0].module, b, peer_model)
     samples: dict[str, list[float]] = {}
-    decoding = _decoding(variants, model_a, b, peer_model)
+    scores = {v.name: _accuracy(v, dataset.eval, cfg, samples, decoding) for v in variants}
     peer_val = {v.name: evaluate_split(v.runner(2), dataset.val, cfg, **decoding[v.name])["map"]
                 for v in variants if v.name in PEER_FORMATS}
-    results = benchmark(variants, size, profile.quantize.bench,
-                        partial(_accuracy, split=dataset.eval, cfg=cfg, samples=samples, decoding=decoding))
+    # C's eval figures as a CPU without VNNI computes them (emulated; None where it cannot be)
+    avx2 = evaluate_on_avx2(bundle / MODEL_FILE, dataset.eval, cfg, b.stride)
+    c_map = scores[C_INT8]["map"]
+    return {
+        **made, "scores": scores, "samples": samples, "peer_val": peer_val,
+        "peer_int8_operators": runtime_operators(peer_int8),
+        "scopes": {B_ORT: node_scopes(work / "b-fp32.onnx"),
+                   C_INT8: json.loads((work / "c-scopes.json").read_text(encoding="utf-8"))},
+        "c_without_vnni": None if avx2 is None else {
+            "cpu": EMULATED_CPU, "map": avx2["map"], "map50": avx2["map50"], "map_here": c_map},
+        # and as a Raspberry Pi 4's core computes them, which sums INT8 products in 32 bits as VNNI does
+        "c_on_arm": (map_on_arm(bundle, dataset.eval, images=profile.arm_images, bootstrap=BOOTSTRAP)
+                     if qemu_aarch64() and profile.arm_images else None),
+        "agreement": agreement_with(b, EdgeDetector(bundle), dataset.eval, profile.agreement_images),
+        "c_operators": op_counts(bundle / MODEL_FILE),
+    }
+
+
+def _time(work: Path, models: Path, profile: Profile, progress: bool) -> dict:
+    """The final benchmark of what ``models`` holds (their mAP read, not computed again), C end to
+    end and by operator, the targets, and the bundle with its model card (a copy, in ``work``)."""
+    made = json.loads((models / MADE_FILE).read_text(encoding="utf-8"))
+    trained = ensure_finetuned(profile, progress=progress)
+    smaller, peer = ensure_smaller(profile, progress), ensure_peer(profile, progress)
+    dataset, size, bench = ensure_dataset(profile), trained.config.detector.image_size, profile.quantize.bench
+    bundle = Path(shutil.copytree(models / "bundle", work / "bundle", dirs_exist_ok=True))
+    variants = _variants(models, made, profile)
+    a, samples = variants[0], made["samples"]
+    results = benchmark(variants, size, bench, lambda v: made["scores"][v.name])
     records = {r["name"]: r for r in results["variants"]}
-    add_ratios_to(records[A_ORT], results["variants"], profile.quantize.bench.threads)
+    add_ratios_to(records[A_ORT], results["variants"], bench.threads)
     a_record, c_record = records[a.name], records[C_INT8]
     results["map_drop_ci"] = [100 * v for v in gap_interval(samples[a.name], samples[C_INT8])]
-    results["peer"] = peer_comparison(c_record, records, peer_val, samples, peer, compute_of_a_and_b(
+    results["peer"] = peer_comparison(c_record, records, made["peer_val"], samples, peer, compute_of_a_and_b(
         a_record["flops"], trained.config, c_record["flops"], smaller, profile))
-    results["peer"].update(recipe=peer_recipe, int8_operators=runtime_operators(peer_int8))
-    c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval,
-                                                  profile.quantize.bench.runs)
-    scopes = {B_ORT: node_scopes(work / "b-fp32.onnx"),
-              C_INT8: json.loads((work / "c-scopes.json").read_text(encoding="utf-8"))}
+    results["peer"].update(recipe=made["peer_recipe"], int8_operators=made["peer_int8_operators"])
+    c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval, bench.runs)
     results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,
-                                                  runs=profile.quantize.bench.runs, scopes=scopes[name])
+                                                  runs=bench.runs, scopes=made["scopes"][name])
                            for name in (B_ORT, C_INT8)}
     report = targets_report(a_record, c_record, results["map_drop_ci"])
     # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
     alone = [a, Variant(C_STOPPED, onnx=bundle / MODEL_FILE, precision="int8"),
              DeployedVariant(C_SPINNING, onnx=bundle / MODEL_FILE, precision="int8")]
-    bench = profile.quantize.bench
     results["alone"] = {f"{t}t": {v.name: timed_alone(v, size, t, bench) for v in alone}
                         for t in bench.threads}
-    # C's eval figures as a CPU without VNNI computes them (emulated; None where it cannot be)
-    avx2 = evaluate_on_avx2(bundle / MODEL_FILE, dataset.eval, cfg, b.stride)
-    results["c_without_vnni"] = None if avx2 is None else {
-        "cpu": EMULATED_CPU, "map": avx2["map"], "map50": avx2["map50"], "map_here": c_record["map"]}
-    # and as a Raspberry Pi 4's core computes them, which sums INT8 products in 32 bits as VNNI does
-    results["c_on_arm"] = (map_on_arm(bundle, dataset.eval, images=profile.arm_images, bootstrap=BOOTSTRAP)
-                           if qemu_aarch64() and profile.arm_images else None)
+    recipe = made["recipe"]
+    results.update({k: made[k] for k in ("c_without_vnni", "c_on_arm", "agreement", "c_operators")})
     results.update(recipe=recipe, recipe_chosen_on="val", b_config=smaller["b_config"],
-                   b_training=smaller["b_training"],
-                   bundle=asdict(spec), targets=report,
-                   agreement=agreement_with(b, EdgeDetector(bundle), dataset.eval, profile.agreement_images),
-                   bundle_files={f.name: f.stat().st_size for f in sorted(bundle.iterdir())},
-                   c_operators=op_counts(bundle / MODEL_FILE))
+                   b_training=smaller["b_training"], bundle=made["bundle"], targets=report,
+                   bundle_files={f.name: f.stat().st_size for f in sorted(bundle.iterdir())})
     how = ("quantization-aware fine-tuning" if recipe == QAT else
            f"the post-training recipe `{recipe.removeprefix('INT8 ')}` of `edgefm.stages.quantization`")
     context = {"profile": profile.name, "recipe_description": how, "machine": results["machine"],
-               "runs": profile.quantize.bench.runs, "eval_images": len(CocoDetection(dataset.eval)),
+               "runs": bench.runs, "eval_images": len(CocoDetection(dataset.eval)),
                "b_description": b_description(smaller["b_config"], profile.pretrain.backbone.num_layers),
                "limits": limits(profile.data.source, results["machine"])}
+    spec = read_bundle(bundle)
     with atomic_path(bundle / CARD_FILE) as tmp:
         tmp.write_text(model_card(spec, c_record, a_record, report, context), encoding="utf-8")
     results["bundle_files"][CARD_FILE] = (bundle / CARD_FILE).stat().st_size
     return results
+
+
+def ensure_deployed_models(profile: Profile, progress: bool = True) -> Path:
+    """The folder of C, its bundle, the peer in INT8 and what the final benchmark's variants
+    compute (:func:`_make`), keyed by what makes them, the recipe chosen included, and not by how
+    they are timed."""
+    trained = ensure_finetuned(profile, progress=progress)
+    study = ensure_quantization(profile, progress)
+    recipe, peer_recipe = choose_recipe(study), choose_recipe(study, post_training=True)
+    # what it consumes, by the keys of those results (their folders' names)
+    consumed = {"quantization": Path(study["models_folder"]).name,
+                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name,
+                "peer": Path(ensure_peer(profile, progress)["folder"]).name}
+    key = {**consumed, "recipe": recipe, "peer_recipe": peer_recipe, "model_a": trained.identity,
+           "quantize": replace(profile.quantize, bench=None), "data": profile.data,
+           "agreement_images": profile.agreement_images, "arm_images": profile.arm_images,
+           "arm_board": qemu_aarch64() is not None}  # a board prepared later is a new deployment
+
+    def make(work: Path) -> None:
+        atomic_write_json(work / MADE_FILE, _make(work, profile, recipe, peer_recipe, progress))
+
+    folder = stage_dir(profile.name, "deployment-models", key, code="deployment")
+    return ensure_dir(folder, make, config=key)
 
 
 def _decoding(variants: list[Variant], model_a: Detector, b: Detector, peer: nn.Module) -> dict[str, dict]:
@@ -300,16 +352,9 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     ``metrics/summary.json``.
     """
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    trained = ensure_finetuned(profile, progress=progress)
-    # what it consumes, by the keys of those results (their folders' names): a new B or a new
-    # quantization study is a new deployment, whatever changed them
-    consumed = {"quantization": Path(ensure_quantization(profile, progress)["folder"]).name,
-                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name,
-                "peer": Path(ensure_peer(profile, progress)["folder"]).name}
-    key = {**consumed, "quantize": profile.quantize, "model_a": trained.identity, "data": profile.data,
-           "agreement_images": profile.agreement_images, "arm_images": profile.arm_images,
-           "arm_board": qemu_aarch64() is not None}  # a board prepared later is a new deployment
-    results = stage(profile.name, "deployment", key, lambda work: _build(work, profile, progress))
+    models = ensure_deployed_models(profile, progress)
+    key = {"models": models.name, "bench": profile.quantize.bench}
+    results = stage(profile.name, "deployment", key, lambda work: _time(work, models, profile, progress))
     results["bundle_folder"] = str(Path(results["folder"]) / "bundle")
     write_metrics(profile.name, "summary", summary(results))
     return results

@@ -4,25 +4,28 @@ A is exported once; ONNX Runtime runs it in FP32 at each graph-optimisation leve
 transformer optimizer; then every :class:`~edgefm.tools.quantize.QuantRecipe` in :data:`RECIPES`
 quantizes it. The sensitivity scan quantizes one layer group at a time (static MinMax) and the
 *mixed* recipe keeps in FP32 the groups that cost more than the profile's threshold. A short
-quantization-aware fine-tune (:mod:`edgefm.tools.qat`) gives one more INT8 variant. Everything
-is measured in one :func:`~edgefm.tools.bench.benchmark` run against A in PyTorch and recorded in
-``metrics/quantization.json``: eval figures to report, val figures to choose by, and what each
-INT8 file computes on a CPU without VNNI (:mod:`edgefm.tools.isa`).
+quantization-aware fine-tune (:mod:`edgefm.tools.qat`) gives one more INT8 variant. Each file is
+scored (eval figures to report, val figures to choose by) and checked for what it computes on a
+CPU without VNNI (:mod:`edgefm.tools.isa`); all of that is kept apart from the timing, keyed
+without the :class:`~edgefm.config.BenchConfig`, so measuring differently re-times only. One
+:func:`~edgefm.tools.bench.benchmark` run then times every variant against A in PyTorch; the
+whole study is recorded in ``metrics/quantization.json``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
-from edgefm.artifacts import stage
+from edgefm.artifacts import atomic_write_json, ensure_dir, stage, stage_dir
 from edgefm.config import Profile, load_profile
 from edgefm.data import ensure_dataset
-from edgefm.data.coco import CocoDetection
+from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.runtime import LEVELS
 from edgefm.stages.finetune import ensure_finetuned, load_detector
@@ -35,6 +38,7 @@ from edgefm.tools.quantize import CalibrationScenes, QuantRecipe, preprocess, qu
 
 CONVS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
 QAT_CONTROL = "ORT FP32, QAT's steps without rounding"
+MADE_FILE = "made.json"
 RECIPES = (
     QuantRecipe("dynamic", mode="dynamic", op_types=("MatMul", "Gemm")),
     QuantRecipe("dynamic-conv", mode="dynamic", op_types=CONVS),
@@ -76,7 +80,9 @@ def sensitivity_scan(exported: Path, prepared: Path, work: Path, groups: list[st
     return scan
 
 
-def _build(work: Path, profile: Profile, progress: bool) -> dict:
+def _make(work: Path, profile: Profile, progress: bool) -> dict:
+    """Every variant's file and what it computes (mAP, sensitivity, agreement without VNNI): all
+    the study needs but its timing, so a new :class:`~edgefm.config.BenchConfig` reuses it."""
     trained = ensure_finetuned(profile, progress=progress)
     model, cfg = load_detector(trained), trained.config.detector
     dataset = ensure_dataset(profile)
@@ -86,22 +92,16 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     fusions = fuse_transformer(exported, work / "a-fp32-fused.onnx", backbone.num_heads, backbone.hidden_size)
     prepared = preprocess(exported, work / "a-fp32-pre.onnx")
     calibration = CalibrationScenes(dataset.train, size, settings.calibration_scenes)
-    accuracy_cache: dict[tuple[str, str], dict] = {}
-
-    def accuracy(variant: Variant) -> dict:
-        key = (str(variant.onnx or variant.name), variant.level)
-        if key not in accuracy_cache:
-            accuracy_cache[key] = evaluate_split(variant.runner(2), dataset.eval, cfg, model.stride)
-        return accuracy_cache[key]
-
     model_a = module_variant(model, size)
+
+    def score(variant: Variant, split: CocoSplit) -> dict:
+        return evaluate_split(variant.runner(2), split, cfg, model.stride)
+
     # the scan chooses what stays FP32, so it scores on the val scenes: the eval scenes only report
     sensitivity = sensitivity_scan(
         exported, prepared, work, layer_groups(backbone.num_layers), calibration,
-        lambda path: evaluate_split(model_a.exported("scan", path, "int8").runner(2), dataset.val, cfg,
-                                    model.stride))
-    reference = evaluate_split(model_a.exported("a-fp32", exported).runner(2), dataset.val, cfg,
-                               model.stride)["map"]
+        lambda path: score(model_a.exported("scan", path, "int8"), dataset.val))
+    reference = score(model_a.exported("a-fp32", exported), dataset.val)["map"]
     keep = tuple(s["group"] for s in sensitivity if reference - s["map"] > settings.sensitivity_threshold)
     recipes = (*RECIPES, QuantRecipe("static-mixed", op_types=CONVS, keep_fp32=keep))
 
@@ -122,26 +122,21 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     control_state = qat_finetune(control, train, settings.qat, control_work, progress)
     control_path = export_onnx(control.eval(), work / "a-fp32-qat-steps.onnx", size)
     variants.append(model_a.exported(QAT_CONTROL, control_path))
-    bench = settings.bench
-    # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
-    alone = {f"{t}t": latencies([model_a], size, t, bench)[model_a.name]
-             for t in bench.threads}
-    results = benchmark(variants, size, bench, accuracy)
+
+    scores = {v.name: score(v, dataset.eval) for v in variants}
     int8 = [v for v in variants if v.precision == "int8"]
     # what each INT8 file computes on a CPU without VNNI, and A's val figures to choose a recipe by
     isa_scenes = CalibrationScenes(dataset.val, size, settings.isa_images).batches[0]
     agreement = avx2_agreement([v.onnx for v in int8], isa_scenes)
-    val = {v.name: evaluate_split(v.runner(2), dataset.val, cfg, model.stride)["map"]
-           for v in [model_a, *int8]}
-    for record in results["variants"]:
-        variant = next(v for v in variants if v.name == record["name"])
-        if variant.precision == "int8":
-            record.update(weight_peak=weight_peak(variant.onnx),
-                          avx2=None if agreement is None else agreement[str(variant.onnx)],
-                          val_map=val[variant.name], val_map_drop=val[model_a.name] - val[variant.name])
+    val = {v.name: score(v, dataset.val)["map"] for v in [model_a, *int8]}
     minmax, entropy = (activation_scales(work / f"a-static-{c}.onnx") for c in ("minmax", "entropy"))
     return {
-        **results,
+        "made": [{"name": v.name, "file": v.onnx and v.onnx.name, "precision": v.precision, "level": v.level,
+                  "accuracy": scores[v.name]} for v in variants],
+        "int8": {v.name: {"weight_peak": weight_peak(v.onnx),
+                          "avx2": None if agreement is None else agreement[str(v.onnx)],
+                          "val_map": val[v.name], "val_map_drop": val[model_a.name] - val[v.name]}
+                 for v in int8},
         "recipes": [asdict(r) for r in recipes],
         "files": {v.name: v.onnx.name for v in variants if v.onnx is not None},
         "fusions": fusions,
@@ -152,21 +147,54 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
         "activation_tensors": len(minmax),
         "calibration_scenes": sum(len(batch) for batch in calibration.batches),
         "model_a": str(trained.path),
-        "isa": {"machine_vnni": has_vnni(results["machine"]["isa"]), "emulated_cpu": EMULATED_CPU,
-                "emulated": agreement is not None, "images": len(isa_scenes),
+        "isa": {"emulated_cpu": EMULATED_CPU, "emulated": agreement is not None, "images": len(isa_scenes),
                 "safe_weight_peak": SAFE_WEIGHT_PEAK},
         "a_val_map": val[model_a.name],
-        "reference_alone": alone,
         "qat": {"steps": qat_state.step, "seconds": qat_state.seconds, "losses": qat_state.losses,
                 "lr": settings.qat.lr, "batch_size": settings.qat.batch_size,
                 "control_losses": control_state.losses},
     }
 
 
+def _time(work: Path, models: Path, profile: Profile, progress: bool) -> dict:
+    """Time the variants made in ``models`` in one :func:`~edgefm.tools.bench.benchmark` run (their
+    mAP is read, not computed again) and A alone; the study's results are what was made plus this."""
+    made = json.loads((models / MADE_FILE).read_text(encoding="utf-8"))
+    trained = ensure_finetuned(profile, progress=progress)
+    size, bench = trained.config.detector.image_size, profile.quantize.bench
+    model_a = module_variant(load_detector(trained), size)
+    variants = [model_a] + [model_a.exported(m["name"], models / m["file"], m["precision"], m["level"])
+                            for m in made["made"][1:]]
+    accuracy = {m["name"]: m["accuracy"] for m in made["made"]}
+    # A on its own, with no ONNX Runtime session taking turns: the second reference the chapter reports
+    alone = {f"{t}t": latencies([model_a], size, t, bench)[model_a.name] for t in bench.threads}
+    results = benchmark(variants, size, bench, lambda v: accuracy[v.name])
+    for record in results["variants"]:
+        record.update(made["int8"].get(record["name"], {}))
+    made["isa"]["machine_vnni"] = has_vnni(results["machine"]["isa"])
+    kept = {k: v for k, v in made.items() if k not in ("made", "int8")}
+    return {**results, **kept, "reference_alone": alone}
+
+
 def ensure_quantization(profile: Profile | str | None = None, progress: bool = True) -> dict:
     """Build (or load) every variant of A and its benchmark; write ``metrics/quantization.json``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    models = ensure_quantized_models(profile, progress)
+    key = {"models": models.name, "bench": profile.quantize.bench}
+    results = stage(profile.name, "quantization", key, lambda work: _time(work, models, profile, progress))
+    return {**results, "models_folder": str(models)}
+
+
+def ensure_quantized_models(profile: Profile, progress: bool = True) -> Path:
+    """The folder of every variant of A with what it computes (:func:`_make`), keyed by all that
+    changes them (how to quantize, A, the data) and not by how they are timed."""
     trained = ensure_finetuned(profile, progress=progress)
-    key = {"quantize": profile.quantize, "model_a": trained.identity, "data": profile.data}
-    return stage(profile.name, "quantization", key, lambda work: _build(work, profile, progress))
+    key = {"quantize": replace(profile.quantize, bench=None), "model_a": trained.identity,
+           "data": profile.data}
+
+    def make(work: Path) -> None:
+        atomic_write_json(work / MADE_FILE, _make(work, profile, progress))
+
+    folder = stage_dir(profile.name, "quantization-models", key, code="quantization")
+    return ensure_dir(folder, make, config=key)
 

@@ -19,7 +19,9 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
    final budget, beside A continued for as long.
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
-made it, so a killed build continues where it stopped and another study reuses it; one
+made it, so a killed build continues where it stopped and another study reuses it; its scores
+and the re-traces of shipped runs are kept by the same key (:meth:`Candidates.scores`), so a
+study that only times differently trains and scores nothing again. One
 :func:`~edgefm.tools.bench.benchmark` run measures A and all of them on the eval scenes;
 ``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
 """
@@ -30,6 +32,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -170,7 +173,8 @@ class Candidates:
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
         if target == shipped and self.check_shipped and folder.name not in self.retraces:
-            self.retraces[folder.name] = {"name": spec.name, **self.retrace(spec, training, state)}
+            retraced = self._kept({"retrace": folder.name}, lambda: self.retrace(spec, training, state))
+            self.retraces[folder.name] = {"name": spec.name, **retraced}
         return model.eval(), state
 
     def retrace(self, spec: StudentConfig, training: StudentTraining, shipped: TrainState) -> dict:
@@ -182,8 +186,29 @@ class Candidates:
                                  Path(folder), spec.seed, progress=False, stop=steps)
         return loss_gaps(live.losses, shipped.losses)
 
-    def val_map(self, model: Detector) -> float:
-        return evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)["map"]
+    def key(self, spec: StudentConfig, training: StudentTraining) -> str:
+        """The candidate's key (its folder's name): what its scores are kept by."""
+        return self.folder(spec, training).name
+
+    def scores(self, model: Detector, key: str, split: str) -> dict:
+        """``model``'s COCO metrics on the ``"val"`` or ``"eval"`` scenes, computed once per model
+        ``key`` (:meth:`key`, or A's identity) and kept, so a study that only times differently
+        scores nothing again."""
+        scenes = getattr(self.dataset, split)
+        return self._kept({"model": key, "split": split},
+                          lambda: evaluate_split(torch_runner(model), scenes, self.detector, model.stride))
+
+    def val_map(self, model: Detector, key: str) -> float:
+        return self.scores(model, key, "val")["map"]
+
+    def _kept(self, key: dict, compute: Callable[[], dict]) -> dict:
+        """``compute()``, kept under ``artifacts/<profile>/scores/`` by ``key`` and the study's code
+        version."""
+        def keep(work: Path) -> None:
+            atomic_write_json(work / "result.json", compute())
+
+        folder = ensure_dir(stage_dir(self.profile.name, "scores", key, code="smaller"), keep, config=key)
+        return json.loads((folder / "result.json").read_text(encoding="utf-8"))
 
 
 def pseudo_labels_key(profile: Profile, model_a: str) -> dict:
@@ -287,10 +312,11 @@ def _arms(found: Candidates, models: dict, a_val: float) -> dict:
 
     def run(arm: str, spec: StudentConfig, training: StudentTraining) -> None:
         model, state = found.trained(spec, training)
+        key = found.key(spec, training)
         if spec.seed == settings.seeds[0]:
-            models[spec.name] = model
-        arms.setdefault(arm, []).append({"seed": spec.seed, "steps": training.steps,
-                                         "val_map": found.val_map(model), "train_seconds": state.seconds})
+            models[spec.name] = model, key
+        arms.setdefault(arm, []).append({"seed": spec.seed, "steps": training.steps, "val_map":
+                                         found.val_map(model, key), "train_seconds": state.seconds})
 
     for seed in settings.seeds:
         for mode in modes:
@@ -319,16 +345,17 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     found = Candidates(profile, progress, check_shipped=True)
     size = found.detector.image_size
     model_a = module_variant(found.teacher, size)
-    results: dict = {"model_a": found.model_a, "a_val_map": found.val_map(found.teacher)}
+    results: dict = {"model_a": found.model_a, "a_val_map": found.val_map(found.teacher, found.model_a)}
 
     curve, models = [], {}
     for ratio in settings.pruning_ratios:
         spec = pruned(ratio)
-        before = found.build(spec)
         after, state = found.trained(spec, settings.compare)
-        models[spec.name] = after
-        curve.append({"ratio": ratio, "name": spec.name, "val_map_before": found.val_map(before),
-                      "val_map_after": found.val_map(after), "train_seconds": state.seconds})
+        key = found.key(spec, settings.compare)
+        models[spec.name] = after, key
+        curve.append({"ratio": ratio, "name": spec.name,
+                      "val_map_before": found.val_map(found.build(spec), f"{key}, before training"),
+                      "val_map_after": found.val_map(after, key), "train_seconds": state.seconds})
     results["pruning"] = curve
     results.update(_arms(found, models, results["a_val_map"]))
 
@@ -336,9 +363,9 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
         for spec in specs:
             model, state = found.trained(spec, training)
-            models[spec.name] = model
+            models[spec.name] = model, found.key(spec, training)
             students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
-                             "val_map": found.val_map(model), "train_seconds": state.seconds})
+                             "val_map": found.val_map(*models[spec.name]), "train_seconds": state.seconds})
     results.update(students=students, distillation_pairs=distillation_pairs(settings.students)
                    + distillation_pairs(settings.long_students))
 
@@ -348,7 +375,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
         ran.append(number)
         model, _ = found.trained(spec, settings.compare)
         timing = camera_latencies([model_a, module_variant(model, size, spec.name)], size, 2, settings.bench)
-        return found.val_map(model), timing[spec.name] / timing[model_a.name]
+        ratio = timing[spec.name] / timing[model_a.name]
+        return found.val_map(model, found.key(spec, settings.compare)), ratio
 
     search = settings.search
     if found.dataset.pool is None:
@@ -359,25 +387,24 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     chosen = choose(trials, search.latency_budget)
     b_spec = from_params(settings.search_start, chosen, B_STUDY)
     model, state = found.trained(b_spec, settings.final)
-    models[B_STUDY] = model
+    models[B_STUDY] = model, found.key(b_spec, settings.final)
     control, control_state = found.trained(continued(), settings.final)
-    models[f"A continued, {settings.final.steps} steps"] = control
+    models[f"A continued, {settings.final.steps} steps"] = control, found.key(continued(), settings.final)
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
                    shipped=found.shipped, retrace=found.retraces,
                    ship_command=SHIP_COMMAND.format(profile=profile.name),
                    b_training={"steps": settings.final.steps, "train_seconds": state.seconds,
-                               "val_map": found.val_map(model)},
+                               "val_map": found.val_map(*models[B_STUDY])},
                    final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,
-                                  "val_map": found.val_map(control)},
+                                  "val_map": found.val_map(control, found.key(continued(), settings.final))},
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
 
-    variants = [model_a] + [module_variant(m, size, name) for name, m in models.items()]
-    split = found.dataset.eval
-    results["bench"] = benchmark(
-        variants, size, settings.bench,
-        lambda v: evaluate_split(v.runner(2), split, found.detector, v.module.stride))
+    variants = [model_a] + [module_variant(m, size, name) for name, (m, _) in models.items()]
+    keys = {model_a.name: found.model_a} | {name: key for name, (_, key) in models.items()}
+    results["bench"] = benchmark(variants, size, settings.bench,
+                                 lambda v: found.scores(v.module, keys[v.name], "eval"))
     return results
 
 
