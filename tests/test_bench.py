@@ -45,7 +45,7 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
                         lambda v: evaluated.append(v.name) or {"map": scores[v.name], "map50": 0.6})
     torch_record, onnx_record = results["variants"]
     assert set(torch_record) >= FIELDS and set(onnx_record) >= FIELDS
-    assert evaluated == ["torch", "onnx"]  # each once, between the repeats
+    assert evaluated == ["torch", "onnx"]  # each once
     assert torch_record["latency_speedup_2t"] == 1.0 and torch_record["size_reduction"] == 1.0
     for ratio, latency in (("latency_speedup_2t", "latency_ms_2t"),
                            ("camera_speedup_2t", "latency_camera_ms_2t")):

@@ -160,9 +160,10 @@ def test_a_shipped_study_seeds_the_stage_storage(tmp_path, monkeypatch):
 
 def _a_new_bench_config_re_times_and_does_nothing_else(results: dict) -> None:
     """Timing the candidates differently (another BenchConfig) starts a new search, whose trials
-    find their students trained and scored: nothing is trained or scored again. (The smoke search's
-    trials are all startup trials, drawn whatever the timings; a longer search may let the new
-    timings choose other trials, which then train.)"""
+    find their students trained and scored: nothing is trained or scored again. The smoke search's
+    trials are all startup trials, drawn whatever the timings, and B is held to the trial chosen
+    before: new timings may choose another one (or, in a longer search, draw other trials), which
+    then trains."""
     from edgefm.tools import evaluate
 
     def not_again(*args, **kwargs):
@@ -173,6 +174,8 @@ def _a_new_bench_config_re_times_and_does_nothing_else(results: dict) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)  # the one training loop's step
         patch.setattr(evaluate, "coco_evaluate", not_again)  # every mAP
+        patch.setattr(smaller, "choose", lambda trials, budget: next(
+            t for t in trials if t["number"] == results["chosen_trial"]))
         timed_again = replace(profile, smaller=replace(profile.smaller, bench=bench))
         again = ensure_smaller(timed_again, progress=False)
     assert again["folder"] != results["folder"] and again["bench"]["settings"]["runs"] == bench.runs

@@ -7,7 +7,9 @@ it and a model card with the measured figures (:mod:`edgefm.tools.bundle`). One
 :func:`~edgefm.tools.bench.benchmark` run measures A, A in INT8, B, B in ONNX, C and the peer
 (:mod:`edgefm.stages.peer`) against each other; :mod:`edgefm.report` turns the records into verdicts.
 What the variants compute (mAP, agreement, the emulated CPUs) is kept apart from their timing, keyed
-without the :class:`~edgefm.config.BenchConfig`, so measuring differently re-times only.
+without the :class:`~edgefm.config.BenchConfig`, so measuring differently re-times only, unless the
+new timings of the quantization study choose another INT8 recipe (:func:`choose_recipe`): that
+makes a new C.
 ``metrics/deployment.json`` keeps all of it and ``metrics/summary.json`` the figures of C against
 A and the book's targets.
 """
@@ -52,7 +54,7 @@ from edgefm.stages.finetune import ensure_finetuned, load_detector
 from edgefm.stages.peer import ONNX_FILE as PEER_ONNX
 from edgefm.stages.peer import PeerDecoder, PeerNetwork, ensure_peer, load_peer, training_flops
 from edgefm.stages.quantization import MADE_FILE, ensure_quantization
-from edgefm.stages.smaller import ensure_smaller, load_b
+from edgefm.stages.smaller import Candidates, ensure_smaller, load_b, student_config
 from edgefm.targets import TARGETS
 from edgefm.tools.arm64 import map_on_arm, qemu_aarch64
 from edgefm.tools.bench import (
@@ -260,9 +262,11 @@ def ensure_deployed_models(profile: Profile, progress: bool = True) -> Path:
     trained = ensure_finetuned(profile, progress=progress)
     study = ensure_quantization(profile, progress)
     recipe, peer_recipe = choose_recipe(study), choose_recipe(study, post_training=True)
-    # what it consumes, by the keys of those results (their folders' names)
-    consumed = {"quantization": Path(study["models_folder"]).name,
-                "smaller": Path(ensure_smaller(profile, progress)["folder"]).name,
+    smaller = ensure_smaller(profile, progress)
+    # what it consumes, by the keys of those results: A's variants, B itself (not the study that
+    # chose it, whose key covers its own timing) and the peer
+    b = Candidates(profile, progress=False).key(student_config(smaller["b_config"]), profile.smaller.final)
+    consumed = {"quantization": Path(study["models_folder"]).name, "b": b,
                 "peer": Path(ensure_peer(profile, progress)["folder"]).name}
     key = {**consumed, "recipe": recipe, "peer_recipe": peer_recipe, "model_a": trained.identity,
            "quantize": replace(profile.quantize, bench=None), "data": profile.data,
@@ -353,7 +357,9 @@ def compress(profile: Profile | str | None = None, progress: bool = True) -> dic
     """
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     models = ensure_deployed_models(profile, progress)
-    key = {"models": models.name, "bench": profile.quantize.bench}
+    # the smaller study's figures (B's training, its compute) go into the report
+    key = {"models": models.name, "bench": profile.quantize.bench,
+           "smaller": Path(ensure_smaller(profile, progress)["folder"]).name}
     results = stage(profile.name, "deployment", key, lambda work: _time(work, models, profile, progress))
     results["bundle_folder"] = str(Path(results["folder"]) / "bundle")
     write_metrics(profile.name, "summary", summary(results))

@@ -20,8 +20,10 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; its scores
-and the re-traces of shipped runs are kept by the same key (:meth:`Candidates.scores`), so a
-study that only times differently trains and scores nothing again. One
+and the re-traces of shipped runs are kept by the same key (:meth:`Candidates.scores`) and never
+computed twice. A new :class:`~edgefm.config.BenchConfig` still starts a new search (its name
+covers the timing, :func:`study_name`): its trials train the candidates no earlier run trained,
+and new timings may choose another B. One
 :func:`~edgefm.tools.bench.benchmark` run measures A and all of them on the eval scenes;
 ``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
 """
@@ -173,7 +175,8 @@ class Candidates:
         model.load_state_dict(load_file(str(target / WEIGHTS)))
         state = TrainState(**json.loads((target / "train_state.json").read_text(encoding="utf-8")))
         if target == shipped and self.check_shipped and folder.name not in self.retraces:
-            retraced = self._kept({"retrace": folder.name}, lambda: self.retrace(spec, training, state))
+            retraced = self._kept({"retrace": self.key(spec, training)},
+                                  lambda: self.retrace(spec, training, state))
             self.retraces[folder.name] = {"name": spec.name, **retraced}
         return model.eval(), state
 
@@ -187,13 +190,20 @@ class Candidates:
         return loss_gaps(live.losses, shipped.losses)
 
     def key(self, spec: StudentConfig, training: StudentTraining) -> str:
-        """The candidate's key (its folder's name): what its scores are kept by."""
-        return self.folder(spec, training).name
+        """What the candidate's scores are kept by: its folder's name, and for one read from
+        weights/ its weights' hash too (shipped again under the same name, it is scored again)."""
+        folder = self.folder(spec, training)
+        shipped = shipped_students(self.profile) / folder.name
+        if not (shipped / WEIGHTS).is_file():
+            return folder.name
+        from edgefm.stages.pretrain import fingerprint
+
+        return f"{folder.name}-shipped-{fingerprint(str(shipped))[:12]}"
 
     def scores(self, model: Detector, key: str, split: str) -> dict:
         """``model``'s COCO metrics on the ``"val"`` or ``"eval"`` scenes, computed once per model
-        ``key`` (:meth:`key`, or A's identity) and kept, so a study that only times differently
-        scores nothing again."""
+        ``key`` (:meth:`key`, or A's identity) and kept, so no rebuild of the study scores a model
+        twice."""
         scenes = getattr(self.dataset, split)
         return self._kept({"model": key, "split": split},
                           lambda: evaluate_split(torch_runner(model), scenes, self.detector, model.stride))

@@ -383,19 +383,17 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
     (``latency_camera_ms_<n>t``), throughput (None for a model whose batch is fixed), size,
     params, FLOPs, peak memory, achieved GFLOP/s against the ceiling, and ratios to the reference
     (``latency_speedup_<n>t``, ``camera_speedup_<n>t``: reference latency / this latency;
-    ``size_reduction``). Latencies are measured ``settings.repeats`` times, between which the
-    accuracy evaluations run; each latency is the median of the repeats' medians, and each ratio
-    the median of the repeats' ratios, with their min and max in ``<ratio>_range``.
+    ``size_reduction``). The accuracies come first (stages pass scores they keep, so timing again
+    scores nothing again); then the latencies are measured ``settings.repeats`` times, one after
+    another; each latency is the median of the repeats' medians, and each ratio the median of the
+    repeats' ratios, with their min and max in ``<ratio>_range``.
     """
     ceiling = {t: gemm_ceiling(t) for t in settings.threads}
-    scores: dict[str, dict] = {}
+    scores = {v.name: accuracy(v) for v in variants} if accuracy is not None else {}
     back_to_back, camera = [], []
-    chunks = np.array_split(np.arange(len(variants)), max(settings.repeats - 1, 1))
-    for repeat in range(settings.repeats):
+    for _ in range(settings.repeats):
         back_to_back.append({t: latencies(variants, image_size, t, settings) for t in settings.threads})
         camera.append({t: camera_latencies(variants, image_size, t, settings) for t in settings.threads})
-        if accuracy is not None and repeat < len(chunks):  # the evaluations spread the repeats in time
-            scores.update({variants[i].name: accuracy(variants[i]) for i in chunks[repeat]})
     records = []
     for variant in variants:
         record: dict = {"name": variant.name, "format": variant.format, "precision": variant.precision,
