@@ -161,6 +161,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "smaller": ("edgefm.stages.smaller",),
     "quantization": ("edgefm.stages.quantization",),
     "deployment": ("edgefm.stages.deploy", "edgefm.tools.bundle", "edgefm.report", "edgefm.runtime"),
+    # the models and scores of those two, kept apart from their timing: a change to one half is
+    # bumped there alone, so new timing or report code does not quantize and score everything again
+    "quantization-models": ("edgefm.stages.quantization",),
+    "deployment-models": ("edgefm.stages.deploy", "edgefm.tools.bundle", "edgefm.runtime"),
 }
 VERSIONS_FILE = PACKAGE_DIR / "stage_versions.json"
 

@@ -276,7 +276,7 @@ def ensure_deployed_models(profile: Profile, progress: bool = True) -> Path:
     def make(work: Path) -> None:
         atomic_write_json(work / MADE_FILE, _make(work, profile, recipe, peer_recipe, progress))
 
-    folder = stage_dir(profile.name, "deployment-models", key, code="deployment")
+    folder = stage_dir(profile.name, "deployment-models", key, code="deployment-models")
     return ensure_dir(folder, make, config=key)
 
 

@@ -195,6 +195,6 @@ def ensure_quantized_models(profile: Profile, progress: bool = True) -> Path:
     def make(work: Path) -> None:
         atomic_write_json(work / MADE_FILE, _make(work, profile, progress))
 
-    folder = stage_dir(profile.name, "quantization-models", key, code="quantization")
+    folder = stage_dir(profile.name, "quantization-models", key, code="quantization-models")
     return ensure_dir(folder, make, config=key)
 
