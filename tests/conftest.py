@@ -28,6 +28,18 @@ def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int, run) -> No
     monkeypatch.setattr(module, "save_checkpoint", real_save)
 
 
+def forbid_training_and_scoring(patch: pytest.MonkeyPatch) -> None:
+    """Make the one training loop's step and every mAP fail: what a rebuild that should only
+    time again must not reach."""
+    from edgefm.tools import evaluate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a new BenchConfig computed more than timings")
+
+    patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)
+    patch.setattr(evaluate, "coco_evaluate", not_again)
+
+
 # Tiny models run fastest on one thread, and tests then never fight a background job for cores.
 torch.set_num_threads(1)
 

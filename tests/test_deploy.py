@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from conftest import forbid_training_and_scoring
 from edgefm.artifacts import read_metrics
 from edgefm.config import DetectorConfig, load_profile
 from edgefm.data.transforms import Letterbox
@@ -285,7 +286,6 @@ def _a_new_bench_config_re_times_and_does_nothing_else(results: dict, study: dic
     from dataclasses import replace
 
     from edgefm.stages import quantization
-    from edgefm.tools import evaluate
 
     def not_again(*args, **kwargs):
         raise AssertionError("a new BenchConfig computed more than timings")
@@ -293,8 +293,7 @@ def _a_new_bench_config_re_times_and_does_nothing_else(results: dict, study: dic
     profile = load_profile("smoke")
     bench = replace(profile.quantize.bench, runs=profile.quantize.bench.runs + 1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)  # the one training loop's step
-        patch.setattr(evaluate, "coco_evaluate", not_again)  # every mAP
+        forbid_training_and_scoring(patch)
         patch.setattr(deploy, "choose_recipe", lambda study, post_training=False:
                       results["peer"]["recipe"] if post_training else results["recipe"])
         for module in (quantization, deploy):

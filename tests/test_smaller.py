@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import forbid_training_and_scoring
 from edgefm.artifacts import artifacts_root
 from edgefm.config import MODES, SearchConfig, StudentConfig, load_profile
 from edgefm.stages import smaller
@@ -164,16 +165,10 @@ def _a_new_bench_config_re_times_and_does_nothing_else(results: dict) -> None:
     trials are all startup trials, drawn whatever the timings, and B is held to the trial chosen
     before: new timings may choose another one (or, in a longer search, draw other trials), which
     then trains."""
-    from edgefm.tools import evaluate
-
-    def not_again(*args, **kwargs):
-        raise AssertionError("a new BenchConfig computed more than timings")
-
     profile = load_profile("smoke")
     bench = replace(profile.smaller.bench, runs=profile.smaller.bench.runs + 1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.optim.Optimizer, "zero_grad", not_again)  # the one training loop's step
-        patch.setattr(evaluate, "coco_evaluate", not_again)  # every mAP
+        forbid_training_and_scoring(patch)
         patch.setattr(smaller, "choose", lambda trials, budget: next(
             t for t in trials if t["number"] == results["chosen_trial"]))
         timed_again = replace(profile, smaller=replace(profile.smaller, bench=bench))
