@@ -163,3 +163,17 @@ def test_pretraining_summary_tells_a_head_start_from_a_better_end_point():
     metrics["mae_vs_random"].pop()  # the twin's whole schedule missing: judged on the re-trace only
     missing = pretraining_summary(metrics)
     assert missing["paid"] is None and "not in this build" in missing["text"]
+
+
+def test_convergence_rule_decides_with_two_seeds_only_when_a_third_cannot_change_it():
+    from edgefm.stages.feasibility import converged
+
+    curve = [[0, 0.1], [750, 0.30], [1000, 0.31]]  # gained 1 point over the last quarter
+    assert converged(curve, 0.02, seeds=3)["converged"] is True
+    assert converged(curve, 0.005, seeds=3)["converged"] is False
+    # two seeds 2 points apart: a third can only widen that, so the gain is already below it
+    assert converged(curve, 0.02, seeds=2)["converged"] is True
+    # two seeds 0.5 points apart: a third might still land further away
+    assert converged(curve, 0.005, seeds=2)["converged"] is None
+    assert converged(curve, None, seeds=1)["converged"] is None
+    assert converged(curve, 0.02, seeds=2)["gain_last_quarter"] == pytest.approx(0.01)

@@ -172,15 +172,21 @@ def _final_val(record: dict) -> float:
     return record["val_curve"][-1][1]
 
 
-def converged(curve: list[list[float]], spread: float | None) -> dict:
+def converged(curve: list[list[float]], spread: float | None, seeds: int) -> dict:
     """The study's rule: a schedule has converged when the val mAP it gained over its last
-    quarter is smaller than the seed-to-seed spread of the final val mAP (None: no spread yet)."""
+    quarter is smaller than the seed-to-seed spread of the final val mAP over three seeds.
+
+    ``spread`` is max - min over the ``seeds`` runs there are (None: fewer than two). Another seed
+    can only widen max - min, so a spread of two seeds that already exceeds the gain decides
+    "converged"; one that does not leaves the rule undecided (None) until the third seed.
+    """
     last_step = curve[-1][0]
     quarter = min(curve, key=lambda point: abs(point[0] - 0.75 * last_step))
     gain = curve[-1][1] - quarter[1]
-    return {"gain_last_quarter": gain, "from_step": quarter[0], "spread": spread,
+    decided = spread is not None and (seeds >= 3 or gain < spread)
+    return {"gain_last_quarter": gain, "from_step": quarter[0], "spread": spread, "seeds": seeds,
             "best_val": max(m for _, m in curve), "final_val": curve[-1][1],
-            "converged": None if spread is None else gain < spread}
+            "converged": gain < spread if decided else None}
 
 
 def _summary(record: dict, *extra: str) -> dict:
@@ -191,10 +197,10 @@ def _summary(record: dict, *extra: str) -> dict:
             **{k: record["eval"][k] for k in ("map", "map_ci", "map50", *extra)}}
 
 
-def _spread(records: list[dict], value) -> float | None:
-    """max - min of ``value`` over the records, if at least three seeds are there."""
+def _spread(records: list[dict], value, least: int = 3) -> float | None:
+    """max - min of ``value`` over the records, if at least ``least`` seeds are there."""
     values = [float(value(r)) for r in records]
-    return max(values) - min(values) if len(values) >= 3 else None
+    return max(values) - min(values) if len(values) >= least else None
 
 
 def feasibility_key(profile: Profile, progress: bool = True) -> dict:
@@ -247,7 +253,7 @@ def _build(profile: Profile, progress: bool) -> dict:
         "params": sum(p.numel() for p in load_detector(ensure_finetuned(profile, "mae", 1.0)).parameters()),
         "seeds": [_summary(r) for r in seeds],
         "seed_spread": None if eval_spread is None else 100 * eval_spread,
-        "convergence": converged(a["val_curve"], _spread(seeds, _final_val)),
+        "convergence": converged(a["val_curve"], _spread(seeds, _final_val, least=2), len(seeds)),
         "schedules": sorted((_summary(r) for name, r in records.items()
                              if name == "a" or name.endswith("x")), key=lambda r: r["steps"]),
         "label_efficiency": sorted((_summary(records[n]) for n in label_runs(profile) if n in records),
