@@ -40,12 +40,16 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
                 Variant("onnx", onnx=export_onnx(model, tmp_path / "m.onnx", 64), flops=flops, params=params)]
     scores = {"torch": 0.5, "onnx": 0.4}
     settings = BenchConfig(runs=3, warmup=1, throughput_batch=2, pause_ms=0, camera_frames=3, repeats=3)
-    evaluated = []
+    evaluated, between = [], []
     results = benchmark(variants, 64, settings,
-                        lambda v: evaluated.append(v.name) or {"map": scores[v.name], "map50": 0.6})
+                        lambda v: evaluated.append(v.name) or {"map": scores[v.name], "map50": 0.6},
+                        between=[lambda: between.append("first"), lambda: time.sleep(0.5)])
     torch_record, onnx_record = results["variants"]
     assert set(torch_record) >= FIELDS and set(onnx_record) >= FIELDS
     assert evaluated == ["torch", "onnx"]  # each once
+    # the harness's own work (throughput, memory) fills the first gap, the caller's the second
+    first, second, third = results["repeat_started_s"]
+    assert between == ["first"] and third - second >= 0.5 and first < second
     assert torch_record["latency_speedup_2t"] == 1.0 and torch_record["size_reduction"] == 1.0
     for ratio, latency in (("latency_speedup_2t", "latency_ms_2t"),
                            ("camera_speedup_2t", "latency_camera_ms_2t")):
@@ -62,6 +66,12 @@ def test_harness_returns_every_field_with_ratios_against_the_first(tmp_path):
     assert {c["threads"] for c in results["ceiling"]} == {1, 2}
     assert all(c["fp32_gflops"] > 0 and c["int8_gops"] > 0 for c in results["ceiling"])
     assert set(results["machine"]["isa"]) >= {"avx2", "avx512_vnni"}
+
+
+def test_spread_cuts_work_in_order_into_one_share_per_gap():
+    assert bench.spread(list("abcdefg"), 2) == [list("abc"), list("defg")]
+    assert bench.spread(list("ab"), 0) == [list("ab")]  # a single repeat does it all after itself
+    assert bench.spread([], 2) == [[], []]
 
 
 class SlowAfterIdle(Variant):

@@ -147,8 +147,9 @@ class BenchConfig:
     untimed ones, in turns of ``burst`` back-to-back runs that follow a pause of ``pause_ms`` and
     one untimed run (see :func:`edgefm.tools.bench.latencies`); ``camera_frames`` frames arriving at
     ``camera_fps`` (:func:`edgefm.tools.bench.camera_latencies`); both measured ``repeats`` times,
-    one after another, so each ratio has a spread; throughput at ``throughput_batch``;
-    ``memory`` reads each variant's peak resident size in a fresh process (a few seconds each)."""
+    spread through the benchmark's run (:func:`edgefm.tools.bench.benchmark`), so each ratio has a
+    spread; throughput at ``throughput_batch``; ``memory`` reads each variant's peak resident size
+    in a fresh process (a few seconds each)."""
 
     threads: tuple[int, ...] = (1, 2)
     runs: int = 50

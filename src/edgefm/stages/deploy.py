@@ -20,6 +20,7 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -219,7 +220,27 @@ def _time(work: Path, models: Path, profile: Profile, progress: bool) -> dict:
     bundle = Path(shutil.copytree(models / "bundle", work / "bundle", dirs_exist_ok=True))
     variants = _variants(models, made, profile)
     a, samples = variants[0], made["samples"]
-    results = benchmark(variants, size, bench, lambda v: made["scores"][v.name])
+    # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
+    alone = [a, Variant(C_STOPPED, onnx=bundle / MODEL_FILE, precision="int8"),
+             DeployedVariant(C_SPINNING, onnx=bundle / MODEL_FILE, precision="int8")]
+    onnx = {v.name: v.onnx for v in variants}
+    timed: dict = {"profiles": {}, "alone": {}}
+
+    def time_end_to_end() -> None:
+        timed["e2e"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval, bench.runs)
+
+    def profile_operators(name: str) -> Callable[[], None]:
+        return lambda: timed["profiles"].update({name: operator_profile(
+            onnx[name], size, runs=bench.runs, scopes=made["scopes"][name])})
+
+    def time_alone(threads: int) -> Callable[[], None]:
+        return lambda: timed["alone"].update({f"{threads}t": {v.name: timed_alone(v, size, threads, bench)
+                                                              for v in alone}})
+
+    # the stage's other timings, done between the benchmark's repeats, which they spread through the run
+    between = [time_end_to_end, profile_operators(B_ORT), profile_operators(C_INT8),
+               *(time_alone(t) for t in bench.threads)]
+    results = benchmark(variants, size, bench, lambda v: made["scores"][v.name], between)
     records = {r["name"]: r for r in results["variants"]}
     add_ratios_to(records[A_ORT], results["variants"], bench.threads)
     a_record, c_record = records[a.name], records[C_INT8]
@@ -227,16 +248,9 @@ def _time(work: Path, models: Path, profile: Profile, progress: bool) -> dict:
     results["peer"] = peer_comparison(c_record, records, made["peer_val"], samples, peer, compute_of_a_and_b(
         a_record["flops"], trained.config, c_record["flops"], smaller, profile))
     results["peer"].update(recipe=made["peer_recipe"], int8_operators=made["peer_int8_operators"])
-    c_record["latency_e2e_ms_2t"] = end_to_end_ms(EdgeDetector(bundle, threads=2), dataset.eval, bench.runs)
-    results["profiles"] = {name: operator_profile(next(v.onnx for v in variants if v.name == name), size,
-                                                  runs=bench.runs, scopes=made["scopes"][name])
-                           for name in (B_ORT, C_INT8)}
+    c_record["latency_e2e_ms_2t"] = timed["e2e"]
+    results.update(profiles=timed["profiles"], alone=timed["alone"])
     report = targets_report(a_record, c_record, results["map_drop_ci"])
-    # each timed on its own: A, C as the benchmark runs it, and C as a device runs it
-    alone = [a, Variant(C_STOPPED, onnx=bundle / MODEL_FILE, precision="int8"),
-             DeployedVariant(C_SPINNING, onnx=bundle / MODEL_FILE, precision="int8")]
-    results["alone"] = {f"{t}t": {v.name: timed_alone(v, size, t, bench) for v in alone}
-                        for t in bench.threads}
     recipe = made["recipe"]
     results.update({k: made[k] for k in ("c_without_vnni", "c_on_arm", "agreement", "c_operators")})
     results.update(recipe=recipe, recipe_chosen_on="val", b_config=smaller["b_config"],

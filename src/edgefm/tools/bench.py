@@ -373,27 +373,55 @@ def repeat_ratio(reference_ms: list[float], variant_ms: list[float]) -> tuple[fl
     return float(np.median(ratios)), [min(ratios), max(ratios)]
 
 
+def spread(work: list[Callable[[], object]], gaps: int) -> list[list[Callable[[], object]]]:
+    """``work`` cut, in order, into ``gaps`` shares as even as its items allow (one share when
+    there is no gap: a single repeat does it all afterwards)."""
+    gaps = max(gaps, 1)
+    return [work[i * len(work) // gaps:(i + 1) * len(work) // gaps] for i in range(gaps)]
+
+
 def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
-              accuracy: Callable[[Variant], dict] | None = None) -> dict:
+              accuracy: Callable[[Variant], dict] | None = None,
+              between: list[Callable[[], object]] | None = None) -> dict:
     """Measure every variant in one process; the first one is the reference (model A).
 
-    Returns ``{"machine", "ceiling", "variants", "settings"}``; each variant record has the name,
-    format, mAP and mAP@.5 (if ``accuracy`` is given), latency per thread count back to back
-    (``latency_ms_<n>t``, median and p90) and with frames arriving at the camera's rate
+    Returns ``{"machine", "ceiling", "variants", "settings", "repeat_started_s"}``; each variant
+    record has the name, format, mAP and mAP@.5 (if ``accuracy`` is given), latency per thread
+    count back to back (``latency_ms_<n>t``, median and p90) and with frames arriving at the camera's rate
     (``latency_camera_ms_<n>t``), throughput (None for a model whose batch is fixed), size,
     params, FLOPs, peak memory, achieved GFLOP/s against the ceiling, and ratios to the reference
     (``latency_speedup_<n>t``, ``camera_speedup_<n>t``: reference latency / this latency;
     ``size_reduction``). The accuracies come first (stages pass scores they keep, so timing again
-    scores nothing again); then the latencies are measured ``settings.repeats`` times, one after
-    another; each latency is the median of the repeats' medians, and each ratio the median of the
-    repeats' ratios, with their min and max in ``<ratio>_range``.
+    scores nothing again); then the latencies are measured ``settings.repeats`` times, spread
+    through the run: the throughputs, the peak memories and the caller's own timing work
+    (``between``: callables, run in order) are done in the gaps between the repeats, so a ratio's
+    spread covers a while of the machine's life and not one moment. ``repeat_started_s`` says when
+    each repeat began. Each latency is the median of the repeats' medians, and each ratio the
+    median of the repeats' ratios, with their min and max in ``<ratio>_range``.
     """
     ceiling = {t: gemm_ceiling(t) for t in settings.threads}
     scores = {v.name: accuracy(v) for v in variants} if accuracy is not None else {}
-    back_to_back, camera = [], []
-    for _ in range(settings.repeats):
+    top, batch = max(settings.threads), settings.throughput_batch
+    rates: dict[str, float | None] = {}
+    memory: dict[str, int | None] = {}
+
+    def measure_throughput() -> None:
+        rates.update({v.name: throughput(v, image_size, batch, top) if v.takes_batch(batch) else None
+                      for v in variants})
+
+    def measure_memory() -> None:
+        memory.update({v.name: peak_memory(v, image_size, top) if settings.memory else None
+                       for v in variants})
+
+    gaps = spread([measure_throughput, measure_memory, *(between or [])], settings.repeats - 1)
+    back_to_back, camera, started = [], [], []
+    began = time.perf_counter()
+    for repeat in range(settings.repeats):
+        started.append(time.perf_counter() - began)
         back_to_back.append({t: latencies(variants, image_size, t, settings) for t in settings.threads})
         camera.append({t: camera_latencies(variants, image_size, t, settings) for t in settings.threads})
+        for work in gaps[repeat] if repeat < len(gaps) else []:  # one repeat: its work after it
+            work()
     records = []
     for variant in variants:
         record: dict = {"name": variant.name, "format": variant.format, "precision": variant.precision,
@@ -413,11 +441,8 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
                 achieved = variant.flops / (record[f"latency_ms_{t}t"] / 1e3) / 1e9
                 peak = ceiling[t]["fp32_gflops" if variant.precision == "fp32" else "int8_gops"]
                 record[f"gflops_{t}t"], record[f"ceiling_fraction_{t}t"] = achieved, achieved / peak
-        top = max(settings.threads)
-        batch = settings.throughput_batch
-        record[f"throughput_{top}t"] = (throughput(variant, image_size, batch, top)
-                                        if variant.takes_batch(batch) else None)
-        record["peak_memory_bytes"] = peak_memory(variant, image_size, top) if settings.memory else None
+        record[f"throughput_{top}t"] = rates[variant.name]
+        record["peak_memory_bytes"] = memory[variant.name]
         records.append(record)
     reference = records[0]
     for record in records:
@@ -429,7 +454,7 @@ def benchmark(variants: list[Variant], image_size: int, settings: BenchConfig,
         if "map" in record:
             record["map_drop"] = reference["map"] - record["map"]
     return {"machine": machine(), "ceiling": list(ceiling.values()), "variants": records,
-            "settings": asdict(settings)}
+            "settings": asdict(settings), "repeat_started_s": started}
 
 
 def block_times(model: torch.nn.Module, blocks: dict[str, torch.nn.Module], image_size: int,
