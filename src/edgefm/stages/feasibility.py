@@ -184,7 +184,7 @@ def converged(curve: list[list[float]], spread: float | None, seeds: int) -> dic
     quarter = min(curve, key=lambda point: abs(point[0] - 0.75 * last_step))
     gain = curve[-1][1] - quarter[1]
     decided = spread is not None and (seeds >= 3 or gain < spread)
-    return {"gain_last_quarter": gain, "from_step": quarter[0], "spread": spread, "seeds": seeds,
+    return {"gain_last_quarter": gain, "from_step": quarter[0], "spread": spread, "seed_runs": seeds,
             "best_val": max(m for _, m in curve), "final_val": curve[-1][1],
             "converged": gain < spread if decided else None}
 
