@@ -177,3 +177,14 @@ def test_convergence_rule_decides_with_two_seeds_only_when_a_third_cannot_change
     assert converged(curve, 0.005, seeds=2)["converged"] is None
     assert converged(curve, None, seeds=1)["converged"] is None
     assert converged(curve, 0.02, seeds=2)["gain_last_quarter"] == pytest.approx(0.01)
+
+
+def test_the_convergence_verdict_says_what_the_rule_decided_and_for_which_model():
+    from edgefm.stages.feasibility import converged, convergence_verdict
+
+    curve = [[0, 0.1], [750, 0.30], [1000, 0.31]]
+    assert convergence_verdict(converged(curve, 0.02, 3), "B").endswith("by the rule B has converged")
+    assert convergence_verdict(converged(curve, 0.005, 3), "B").endswith("by the rule B has not converged")
+    assert "has converged already" in convergence_verdict(converged(curve, 0.02, 2), "A")
+    assert "cannot decide until the third" in convergence_verdict(converged(curve, 0.005, 2), "A")
+    assert "cannot decide yet" in convergence_verdict(converged(curve, None, 1), "A")

@@ -5,6 +5,7 @@ version) that the profile asks for today; otherwise it trains the result itself,
 tests catch a change that would silently turn the shipped results away: they compute the keys the
 default build computes, and nothing here trains, builds a dataset or downloads anything."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -75,7 +76,8 @@ def test_the_shipped_students_are_the_candidates_the_study_asks_for(default, mod
         assert shipped_student(default, spec, training, model_a) == path, (
             f"{path}: the build no longer asks for it; ship again with "
             f"{smaller.SHIP_COMMAND.format(profile=default.name)}")
-    asked = [(smaller.continued(), settings.final), *((s, settings.long) for s in settings.long_students)]
+    asked = [(smaller.continued(), smaller.control_training(default)),
+             *((s, settings.long) for s in settings.long_students)]
     for spec, training in asked:
         folder = shipped_student(default, spec, training, model_a)
         assert (folder / WEIGHTS).is_file() and (folder / "train_state.json").is_file(), spec.name
@@ -90,7 +92,10 @@ def test_the_shipped_search_is_complete_and_chose_the_shipped_b(default, model_a
     trials = trial_records(optuna.load_study(study_name=name, storage=storage))
     assert len(trials) >= settings.search.trials
     b = from_params(settings.search_start, choose(trials, settings.search.latency_budget), B_STUDY)
-    assert (shipped_student(default, b, settings.final, model_a) / WEIGHTS).is_file(), "B is not shipped"
+    for seed in settings.final_seeds:  # B and the seeds that judge whether its schedule converged
+        spec = replace(b, seed=seed)
+        assert (shipped_student(default, spec, settings.final, model_a) / WEIGHTS).is_file(), (
+            f"B with seed {seed} is not shipped")
 
 
 def test_the_shipped_peer_is_the_default_peer(default, tmp_path, capsys):

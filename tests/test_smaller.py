@@ -73,6 +73,17 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert all(v["seeds"] == len(settings.seeds) for v in verdicts.values())
     assert results["pool"]["images"] == settings.pool_images and 0.1 <= results["pool"]["threshold"] < 0.95
     assert results["b_training"]["steps"] == results["final_control"]["steps"] == settings.final.steps
+    # B ran with every final seed, each with a val curve ending at its final val mAP; the rule judged
+    b_runs = results["b_training"]["seeds"]
+    assert [r["seed"] for r in b_runs] == list(settings.final_seeds)
+    steps_scored = list(range(settings.final.eval_every, settings.final.steps + 1, settings.final.eval_every))
+    for run in b_runs:
+        assert [step for step, _ in run["val_curve"]] == steps_scored
+        assert run["val_curve"][-1][1] == pytest.approx(run["val_map"])
+    convergence = results["b_training"]["convergence"]
+    finals = [r["val_map"] for r in b_runs]
+    assert convergence["spread"] == pytest.approx(max(finals) - min(finals))
+    assert convergence["seed_runs"] == len(settings.final_seeds)
     assert results["b_mode"] in MODES  # the search chose how B learns
     assert all("mode" in t for t in results["trials"])
     for record in records:
@@ -93,7 +104,7 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     profile = load_profile("smoke")
     shipped = smaller.ship_final(profile)
-    assert len(shipped) == 2 + len(profile.smaller.long_students)
+    assert len(shipped) == len(profile.smaller.final_seeds) + 1 + len(profile.smaller.long_students)
     assert all((p / "model.safetensors").is_file() for p in shipped)
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(

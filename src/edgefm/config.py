@@ -260,6 +260,8 @@ class StudentTraining:
     warmup_steps: int = 30
     grad_clip: float = 5.0
     checkpoint_every: int = 100
+    # > 0: score val mAP every this many steps, the curve that tells whether the run still learns
+    eval_every: int = field(default=0, metadata={KEYED_WHEN_SET: True})
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,9 @@ class SmallerConfig:
     labels-only arm again at ``compare_compute`` (about a distilled run's compute); other students
     with and without distillation (``students`` at the ``compare`` budget, ``long_students`` at
     the ``long`` one); the search; and B: the chosen trial's student, in the trial's mode, for the
-    ``final`` budget. ``pool_images`` of the pool get A's pseudo-labels."""
+    ``final`` budget, once per ``final_seeds`` (the first is B), with a val curve: the feasibility
+    study's rule judges from them whether B's schedule has converged. ``pool_images`` of the pool
+    get A's pseudo-labels."""
 
     pruning_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     arm: StudentConfig = StudentConfig("ViT from A", depth=3, width=0.5, distill=None)
@@ -313,7 +317,9 @@ class SmallerConfig:
         StudentConfig("ViT from MAE, labels only", init="mae", depth=3, width=0.5, distill=None),
     )
     long: StudentTraining = field(default_factory=lambda: StudentTraining(steps=1200, warmup_steps=50))
-    final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=3200, warmup_steps=50))
+    final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=3200, warmup_steps=50,
+                                                                          eval_every=400))
+    final_seeds: tuple[int, ...] = (0, 1, 2)
     search: SearchConfig = field(default_factory=SearchConfig)
     search_start: StudentConfig = StudentConfig("search start", depth=3, width=0.5, heads=0.34)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -403,7 +409,8 @@ def _smoke() -> Profile:
         long_students=tuple(replace(s, depth=1) for s in SmallerConfig().long_students),
         compare=StudentTraining(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2),
         long=StudentTraining(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3),
-        final=StudentTraining(steps=12, batch_size=4, warmup_steps=1, checkpoint_every=6),
+        final=StudentTraining(steps=12, batch_size=4, warmup_steps=1, checkpoint_every=6, eval_every=6),
+        final_seeds=(0, 1),
         search=SearchConfig(trials=2, depths=(1, 2), widths=(0.25, 0.5), heads=(0.0,), image_sizes=(48, 64)),
         search_start=StudentConfig("search start", depth=1, width=0.5),
         bench=quick,

@@ -189,6 +189,22 @@ def converged(curve: list[list[float]], spread: float | None, seeds: int) -> dic
             "converged": gain < spread if decided else None}
 
 
+def convergence_verdict(rule: dict, model: str) -> str:
+    """What :func:`converged` decided about ``model``'s schedule, as one sentence for the book."""
+    if rule["spread"] is None:
+        return ("The seed-to-seed spread of the schedule needs runs of it with other seeds, and none is "
+                "available in this build, so the rule cannot decide yet")
+    verdict = (f"The final validation mAP of the same schedule with {rule['seed_runs']} seeds spreads over "
+               f"{100 * rule['spread']:.1f} points")
+    if rule["seed_runs"] >= 3:
+        return verdict + f", so by the rule {model} has {'' if rule['converged'] else 'not '}converged"
+    if rule["converged"]:  # a third seed can only widen max - min
+        return verdict + ("; the rule asks for three, but a third seed can only widen that spread, so by the "
+                          f"rule {model} has converged already")
+    return verdict + ("; the rule asks for three, and the gain is not below the spread of two, so it cannot "
+                      "decide until the third is there")
+
+
 def _summary(record: dict, *extra: str) -> dict:
     """A run's figures for the metrics file."""
     return {"name": record["name"], "init": record["init"], "fraction": record["fraction"],

@@ -16,7 +16,8 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
 4. **search**: :func:`~edgefm.tools.search.run_search` over ViT students and training modes,
    on val mAP and camera-rate latency as a fraction of A's;
 5. **B**: the most accurate trial within the latency budget, trained again in its mode for the
-   final budget, beside A continued for as long.
+   final budget with several seeds and a val curve (has B's schedule converged, by the
+   feasibility study's rule?), beside A continued for as long.
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; its scores
@@ -59,6 +60,7 @@ from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.models.detector import Detector
 from edgefm.report import B_STUDY
+from edgefm.stages.feasibility import converged
 from edgefm.stages.finetune import ensure_finetuned, load_detector, weights_root
 from edgefm.tools.bench import benchmark, camera_latencies, module_variant
 from edgefm.tools.distill import train_student
@@ -162,7 +164,8 @@ class Candidates:
         def build(work: Path) -> None:
             model = self.build(spec)
             state = train_student(model, self.teacher, spec.distill, self.data(spec), training, work,
-                                  spec.seed, self.progress, desc=spec.name)
+                                  spec.seed, self.progress, desc=spec.name,
+                                  validate=self._val_curve_point if training.eval_every else None)
             save_weights(model, work / WEIGHTS)
             atomic_write_json(work / "train_state.json", asdict(state))
             (work / "checkpoint.pt").unlink(missing_ok=True)
@@ -207,6 +210,11 @@ class Candidates:
         scenes = getattr(self.dataset, split)
         return self._kept({"model": key, "split": split},
                           lambda: evaluate_split(torch_runner(model), scenes, self.detector, model.stride))
+
+    def _val_curve_point(self, model: Detector) -> dict:
+        """A point of a run's val curve (the same figure :meth:`val_map` keeps for its end)."""
+        scores = evaluate_split(torch_runner(model), self.dataset.val, self.detector, model.stride)
+        return {"map": scores["map"]}
 
     def val_map(self, model: Detector, key: str) -> float:
         return self.scores(model, key, "val")["map"]
@@ -253,7 +261,9 @@ def ship_final(profile: Profile | str | None = None) -> list[Path]:
     results = ensure_smaller(profile)
     found = Candidates(profile, progress=False)
     settings = profile.smaller
-    long_runs = [(student_config(results["b_config"]), settings.final), (continued(), settings.final)]
+    b_spec = student_config(results["b_config"])
+    long_runs = [(replace(b_spec, seed=seed), settings.final) for seed in settings.final_seeds]
+    long_runs += [(continued(), control_training(profile))]
     long_runs += [(spec, settings.long) for spec in settings.long_students]
     copied = []
     for spec, training in long_runs:
@@ -267,6 +277,35 @@ def ship_final(profile: Profile | str | None = None) -> list[Path]:
                                                     "name": spec.name})
         copied.append(target)
     return copied
+
+
+def control_training(profile: Profile) -> StudentTraining:
+    """B's control trains for B's ``final`` budget without a val curve: its end point is what
+    B is compared with, and each point of A's curve costs A's evaluation."""
+    return replace(profile.smaller.final, eval_every=0)
+
+
+def b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
+    """B (the first of ``final_seeds``) and its other seeds at the ``final`` budget: each run's val
+    curve, its val and eval mAP, and the feasibility study's rule applied to B's schedule (its
+    last quarter's gain against the spread of the seeds' final val mAPs)."""
+    settings = found.profile.smaller
+    runs = []
+    for seed in settings.final_seeds:
+        spec = replace(b_spec, seed=seed)
+        model, state = found.trained(spec, settings.final)
+        key = found.key(spec, settings.final)
+        if seed == b_spec.seed:
+            models[B_STUDY] = model, key
+        runs.append({"seed": seed, "val_curve": [[e["step"], e["map"]] for e in state.evals],
+                     "val_map": found.val_map(model, key), "train_seconds": state.seconds,
+                     "eval_map": found.scores(model, key, "eval")["map"]})
+    b = runs[0]
+    finals = [r["val_map"] for r in runs]
+    spread = max(finals) - min(finals) if len(runs) >= 2 else None
+    rule = converged(b["val_curve"], spread, len(runs)) if b["val_curve"] else None  # no curve: no verdict
+    return {"steps": settings.final.steps, "train_seconds": b["train_seconds"], "val_map": b["val_map"],
+            "seeds": runs, "convergence": rule}
 
 
 def student_config(record: dict) -> StudentConfig:
@@ -395,18 +434,16 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
                        name=study_name(profile, found.model_a))
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
-    b_spec = from_params(settings.search_start, chosen, B_STUDY)
-    model, state = found.trained(b_spec, settings.final)
-    models[B_STUDY] = model, found.key(b_spec, settings.final)
-    control, control_state = found.trained(continued(), settings.final)
-    models[f"A continued, {settings.final.steps} steps"] = control, found.key(continued(), settings.final)
+    b_spec = replace(from_params(settings.search_start, chosen, B_STUDY), seed=settings.final_seeds[0])
+    b_training = b_seeds(found, b_spec, models)
+    control_budget = control_training(profile)
+    control, control_state = found.trained(continued(), control_budget)
+    models[f"A continued, {settings.final.steps} steps"] = control, found.key(continued(), control_budget)
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
                    shipped=found.shipped, retrace=found.retraces,
-                   ship_command=SHIP_COMMAND.format(profile=profile.name),
-                   b_training={"steps": settings.final.steps, "train_seconds": state.seconds,
-                               "val_map": found.val_map(*models[B_STUDY])},
+                   ship_command=SHIP_COMMAND.format(profile=profile.name), b_training=b_training,
                    final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,
-                                  "val_map": found.val_map(control, found.key(continued(), settings.final))},
+                                  "val_map": found.val_map(control, found.key(continued(), control_budget))},
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))

@@ -15,6 +15,7 @@ All three are added to the ordinary detection loss on the labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -117,18 +118,20 @@ def student_loss(model: Detector | Distiller, batch: tuple[torch.Tensor, dict]) 
 def train_student(student: Detector, teacher: Detector | None, weights: DistillWeights | None,
                   train: Dataset, cfg: StudentTraining, work: Path, seed: int = 0,
                   progress: bool = True, desc: str = "student", device: str = "auto",
-                  stop: int = 0) -> TrainState:
+                  stop: int = 0, validate: Callable[[Detector], dict] | None = None) -> TrainState:
     """Train ``student`` on ``train`` (distilled from ``teacher`` when ``weights`` is given) for
     ``cfg.steps`` (``stop`` > 0: only that many steps of the schedule, to re-trace a run's start);
-    checkpoints in ``work`` let a killed run continue exactly. Returns the history; the student
-    is left on the CPU, in eval mode."""
+    checkpoints in ``work`` let a killed run continue exactly. ``validate(student)`` is recorded
+    every ``cfg.eval_every`` steps and at the end. Returns the history; the student is left on
+    the CPU, in eval mode."""
     torch.manual_seed(seed)
     model: Detector | Distiller = (Distiller(student, teacher, weights) if weights is not None else student)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     data = StepData(train, cfg.batch_size, seed, EncodeTargets(student.num_classes, student.stride))
-    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every, stop=stop)
+    schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.grad_clip, cfg.checkpoint_every, cfg.eval_every,
+                        stop=stop)
     state = fit(model, optimizer, student_loss, data, schedule, work / "checkpoint.pt", device=device,
-                progress=progress, desc=desc)
+                validate=validate and (lambda _: validate(student)), progress=progress, desc=desc)
     model.cpu().eval()
     return state
