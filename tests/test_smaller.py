@@ -84,6 +84,10 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     finals = [r["val_map"] for r in b_runs]
     assert convergence["spread"] == pytest.approx(max(finals) - min(finals))
     assert convergence["seed_runs"] == len(settings.final_seeds)
+    # the other students ran with every seed too; each distilled one is judged against its twin
+    assert all([r["seed"] for r in s["seeds"]] == list(settings.seeds) for s in results["students"])
+    assert set(results["student_verdicts"]) == {f"{d} vs {t}" for d, t in results["distillation_pairs"]}
+    assert all(v["seeds"] == len(settings.seeds) for v in results["student_verdicts"].values())
     assert results["b_mode"] in MODES  # the search chose how B learns
     assert all("mode" in t for t in results["trials"])
     for record in records:
@@ -104,7 +108,8 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     profile = load_profile("smoke")
     shipped = smaller.ship_final(profile)
-    assert len(shipped) == len(profile.smaller.final_seeds) + 1 + len(profile.smaller.long_students)
+    settings = profile.smaller
+    assert len(shipped) == len(settings.final_seeds) + 1 + len(settings.long_students) * len(settings.seeds)
     assert all((p / "model.safetensors").is_file() for p in shipped)
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(

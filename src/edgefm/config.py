@@ -290,11 +290,11 @@ class SmallerConfig:
     """Model B: pruning curves of A; the ``arm`` student trained in every training mode with each
     of ``seeds`` at the ``compare`` budget, beside the control (A itself trained as long) and the
     labels-only arm again at ``compare_compute`` (about a distilled run's compute); other students
-    with and without distillation (``students`` at the ``compare`` budget, ``long_students`` at
-    the ``long`` one); the search; and B: the chosen trial's student, in the trial's mode, for the
-    ``final`` budget, once per ``final_seeds`` (the first is B), with a val curve: the feasibility
-    study's rule judges from them whether B's schedule has converged. ``pool_images`` of the pool
-    get A's pseudo-labels."""
+    with and without distillation, with the same seeds (``students`` at the ``compare`` budget,
+    ``long_students`` at the ``long`` one); the search; and B: the chosen trial's student, in the
+    trial's mode, for the ``final`` budget, once per ``final_seeds`` (the first is B), with a val
+    curve: the feasibility study's rule judges from them whether B's schedule has converged.
+    ``pool_images`` of the pool get A's pseudo-labels."""
 
     pruning_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     arm: StudentConfig = StudentConfig("ViT from A", depth=3, width=0.5, distill=None)

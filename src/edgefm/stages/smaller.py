@@ -12,7 +12,7 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
    long the same way, so a student's gain over A is never extra training in disguise; the
    labels-only arm runs again for about a distilled run's compute (:func:`paired_gap` judges);
 3. **other students**: a mobile CNN, and a ViT started from the MAE encoder, with and without
-   distillation (one seed each);
+   distillation, with the same seeds;
 4. **search**: :func:`~edgefm.tools.search.run_search` over ViT students and training modes,
    on val mAP and camera-rate latency as a fraction of A's;
 5. **B**: the most accurate trial within the latency budget, trained again in its mode for the
@@ -264,7 +264,8 @@ def ship_final(profile: Profile | str | None = None) -> list[Path]:
     b_spec = student_config(results["b_config"])
     long_runs = [(replace(b_spec, seed=seed), settings.final) for seed in settings.final_seeds]
     long_runs += [(continued(), control_training(profile))]
-    long_runs += [(spec, settings.long) for spec in settings.long_students]
+    long_runs += [(replace(spec, seed=seed), settings.long) for spec in settings.long_students
+                  for seed in settings.seeds]
     copied = []
     for spec, training in long_runs:
         source = found.folder(spec, training)
@@ -389,6 +390,31 @@ def _arms(found: Candidates, models: dict, a_val: float) -> dict:
             "pool": found.pool()[1] if "pool" in modes else None}
 
 
+def _students(found: Candidates, models: dict) -> dict:
+    """The other students (``students`` at the comparison budget, ``long_students`` at the long
+    one), each with every seed, and each distilled one against its labels-only twin, seed by seed."""
+    settings = found.profile.smaller
+    students = []
+    for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
+        for spec in specs:
+            runs = []
+            for seed in settings.seeds:
+                model, state = found.trained(replace(spec, seed=seed), training)
+                key = found.key(replace(spec, seed=seed), training)
+                if seed == settings.seeds[0]:
+                    models[spec.name] = model, key
+                runs.append({"seed": seed, "val_map": found.val_map(model, key),
+                             "train_seconds": state.seconds})
+            val = [r["val_map"] for r in runs]
+            students.append({"name": spec.name, "config": plain(spec), "steps": training.steps, "seeds": runs,
+                             "val_map": float(np.mean(val)), "val_range": [min(val), max(val)],
+                             "train_seconds": float(np.mean([r["train_seconds"] for r in runs]))})
+    pairs = distillation_pairs(settings.students) + distillation_pairs(settings.long_students)
+    val = {s["name"]: [r["val_map"] for r in s["seeds"]] for s in students}
+    return {"students": students, "distillation_pairs": pairs,
+            "student_verdicts": {f"{d} vs {t}": paired_gap(val[d], val[t]) for d, t in pairs}}
+
+
 def _build(work: Path, profile: Profile, progress: bool) -> dict:
     settings = profile.smaller
     found = Candidates(profile, progress, check_shipped=True)
@@ -408,15 +434,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     results["pruning"] = curve
     results.update(_arms(found, models, results["a_val_map"]))
 
-    students = []
-    for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
-        for spec in specs:
-            model, state = found.trained(spec, training)
-            models[spec.name] = model, found.key(spec, training)
-            students.append({"name": spec.name, "config": plain(spec), "steps": training.steps,
-                             "val_map": found.val_map(*models[spec.name]), "train_seconds": state.seconds})
-    results.update(students=students, distillation_pairs=distillation_pairs(settings.students)
-                   + distillation_pairs(settings.long_students))
+    results.update(_students(found, models))
 
     ran: list[int] = []
 
