@@ -286,7 +286,7 @@ def control_training(profile: Profile) -> StudentTraining:
     return replace(profile.smaller.final, eval_every=0)
 
 
-def b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
+def _b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
     """B (the first of ``final_seeds``) and its other seeds at the ``final`` budget: each run's val
     curve, its val and eval mAP, and the feasibility study's rule applied to B's schedule (its
     last quarter's gain against the spread of the seeds' final val mAPs)."""
@@ -453,7 +453,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     trials = trial_records(study)
     chosen = choose(trials, search.latency_budget)
     b_spec = replace(from_params(settings.search_start, chosen, B_STUDY), seed=settings.final_seeds[0])
-    b_training = b_seeds(found, b_spec, models)
+    b_training = _b_seeds(found, b_spec, models)
     control_budget = control_training(profile)
     control, control_state = found.trained(continued(), control_budget)
     models[f"A continued, {settings.final.steps} steps"] = control, found.key(continued(), control_budget)
