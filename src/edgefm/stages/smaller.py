@@ -120,8 +120,9 @@ class Candidates:
 
     @property
     def shipped(self) -> list[str]:
-        """Names of the candidates read from weights/ and checked, in the order they were asked for."""
-        return [r["name"] for r in self.retraces.values()]
+        """Names of the candidates read from weights/ and checked, in the order they were asked for
+        (a candidate shipped with several seeds is named once)."""
+        return list(dict.fromkeys(r["name"] for r in self.retraces.values()))
 
     def data(self, spec: StudentConfig) -> Dataset:
         """What a candidate trains on: the labelled scenes, plus the pseudo-labelled pool if it uses it."""
