@@ -213,7 +213,7 @@ def _summary(record: dict, *extra: str) -> dict:
             **{k: record["eval"][k] for k in ("map", "map_ci", "map50", *extra)}}
 
 
-def _spread(records: list[dict], value, least: int = 3) -> float | None:
+def seed_spread(records: list[dict], value, least: int = 3) -> float | None:
     """max - min of ``value`` over the records, if at least ``least`` seeds are there."""
     values = [float(value(r)) for r in records]
     return max(values) - min(values) if len(values) >= least else None
@@ -261,7 +261,7 @@ def _build(profile: Profile, progress: bool) -> dict:
     a = records["a"]
     seeds = [r for name, r in records.items() if name == "a" or name.startswith("a-seed")]
     seed_names = [name for name in live if name.startswith("retrace-seed")]
-    eval_spread = _spread(seeds, lambda r: r["eval"]["map"])
+    eval_spread = seed_spread(seeds, lambda r: r["eval"]["map"])
     metrics = {
         "a": _summary(a, *EVAL_KEYS[3:]),
         "random": _summary(records["random"]) if "random" in records else None,
@@ -269,7 +269,7 @@ def _build(profile: Profile, progress: bool) -> dict:
         "params": sum(p.numel() for p in load_detector(ensure_finetuned(profile, "mae", 1.0)).parameters()),
         "seeds": [_summary(r) for r in seeds],
         "seed_spread": None if eval_spread is None else 100 * eval_spread,
-        "convergence": converged(a["val_curve"], _spread(seeds, _final_val, least=2), len(seeds)),
+        "convergence": converged(a["val_curve"], seed_spread(seeds, _final_val, least=2), len(seeds)),
         "schedules": sorted((_summary(r) for name, r in records.items()
                              if name == "a" or name.endswith("x")), key=lambda r: r["steps"]),
         "label_efficiency": sorted((_summary(records[n]) for n in label_runs(profile) if n in records),
@@ -277,7 +277,7 @@ def _build(profile: Profile, progress: bool) -> dict:
         "retrace": {
             "steps": profile.retrace_steps, "seeds": [_summary(live[name]) for name in seed_names],
             "random": _summary(live["retrace-random"]),
-            "seed_spread": 100 * _spread([live[n] for n in seed_names], lambda r: r["eval"]["map"]),
+            "seed_spread": 100 * seed_spread([live[n] for n in seed_names], lambda r: r["eval"]["map"]),
             "mae_vs_random": interval_gap(live[seed_names[0]]["eval"], live["retrace-random"]["eval"]),
             "shipped": a["shipped"],
             "a_val_curve": [p for p in a["val_curve"] if p[0] <= profile.retrace_steps],

@@ -60,7 +60,7 @@ from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.models.detector import Detector
 from edgefm.report import B_STUDY
-from edgefm.stages.feasibility import converged
+from edgefm.stages.feasibility import converged, seed_spread
 from edgefm.stages.finetune import ensure_finetuned, load_detector, weights_root
 from edgefm.tools.bench import benchmark, camera_latencies, module_variant
 from edgefm.tools.distill import train_student
@@ -302,9 +302,7 @@ def _b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
         runs.append({"seed": seed, "val_curve": [[e["step"], e["map"]] for e in state.evals],
                      "val_map": found.val_map(model, key), "train_seconds": state.seconds,
                      "eval_map": found.scores(model, key, "eval")["map"]})
-    b = runs[0]
-    finals = [r["val_map"] for r in runs]
-    spread = max(finals) - min(finals) if len(runs) >= 2 else None
+    b, spread = runs[0], seed_spread(runs, lambda r: r["val_map"], least=2)
     rule = converged(b["val_curve"], spread, len(runs)) if b["val_curve"] else None  # no curve: no verdict
     return {"steps": settings.final.steps, "train_seconds": b["train_seconds"], "val_map": b["val_map"],
             "seeds": runs, "convergence": rule}
@@ -399,12 +397,12 @@ def _students(found: Candidates, models: dict) -> dict:
     for training, specs in ((settings.compare, settings.students), (settings.long, settings.long_students)):
         for spec in specs:
             runs = []
-            for seed in settings.seeds:
-                model, state = found.trained(replace(spec, seed=seed), training)
-                key = found.key(replace(spec, seed=seed), training)
-                if seed == settings.seeds[0]:
+            for seeded in (replace(spec, seed=seed) for seed in settings.seeds):
+                model, state = found.trained(seeded, training)
+                key = found.key(seeded, training)
+                if seeded.seed == settings.seeds[0]:
                     models[spec.name] = model, key
-                runs.append({"seed": seed, "val_map": found.val_map(model, key),
+                runs.append({"seed": seeded.seed, "val_map": found.val_map(model, key),
                              "train_seconds": state.seconds})
             val = [r["val_map"] for r in runs]
             students.append({"name": spec.name, "config": plain(spec), "steps": training.steps, "seeds": runs,
