@@ -317,7 +317,7 @@ class SmallerConfig:
         StudentConfig("ViT from MAE, labels only", init="mae", depth=3, width=0.5, distill=None),
     )
     long: StudentTraining = field(default_factory=lambda: StudentTraining(steps=1200, warmup_steps=50))
-    final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=6400, warmup_steps=50,
+    final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=12800, warmup_steps=50,
                                                                           eval_every=400))
     final_seeds: tuple[int, ...] = (0, 1, 2)
     search: SearchConfig = field(default_factory=SearchConfig)
