@@ -10,16 +10,14 @@ managers with no configuration, so this extension makes "auto" the managers' def
 from __future__ import annotations
 
 
-def encrypt_kernel_transport() -> bool:
-    """Make CurveZMQ encryption the default of every kernel manager whose kernel supports it;
-    returns whether it could (pyzmq built without CurveZMQ, or an older jupyter_client: no)."""
+def encrypt_kernel_transport() -> None:
+    """Make CurveZMQ encryption the default of every kernel manager whose kernel supports it (unless
+    pyzmq was built without CurveZMQ, or jupyter_client predates the setting)."""
     import zmq
     from jupyter_client.manager import KernelManager
 
-    if not zmq.has("curve") or not hasattr(KernelManager, "transport_encryption"):
-        return False
-    KernelManager.transport_encryption.default_value = "auto"
-    return True
+    if zmq.has("curve") and hasattr(KernelManager, "transport_encryption"):
+        KernelManager.transport_encryption.default_value = "auto"
 
 
 def setup(app) -> dict:
