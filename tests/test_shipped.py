@@ -94,8 +94,9 @@ def test_the_shipped_search_is_complete_and_chose_the_shipped_b(default, model_a
     b = from_params(settings.search_start, choose(trials, settings.search.latency_budget), B_STUDY)
     for seed in settings.final_seeds:  # B and the seeds that judge whether its schedule converged
         spec = replace(b, seed=seed)
-        assert (shipped_student(default, spec, settings.final, model_a) / WEIGHTS).is_file(), (
-            f"B with seed {seed} is not shipped")
+        for training in (settings.final, smaller.longer_training(default)):
+            assert (shipped_student(default, spec, training, model_a) / WEIGHTS).is_file(), (
+                f"B with seed {seed} at {training.steps} steps is not shipped")
 
 
 def test_the_shipped_peer_is_the_default_peer(default, tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,14 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     finals = [r["val_map"] for r in b_runs]
     assert convergence["spread"] == pytest.approx(max(finals) - min(finals))
     assert convergence["seed_runs"] == len(settings.final_seeds)
+    # the same seeds on a longer schedule, each against its own seed at B's budget
+    longer = results["b_training"]["longer"]
+    assert longer["steps"] == round(settings.final.steps * settings.longer_factor) > settings.final.steps
+    assert [r["seed"] for r in longer["seeds"]] == list(settings.final_seeds)
+    assert longer["seeds"][0]["val_curve"][-1][0] == longer["steps"]
+    gaps = [r["val_map"] - s["val_map"] for r, s in zip(longer["seeds"], b_runs, strict=True)]
+    assert longer["against_final"]["gap"] == pytest.approx(np.mean(gaps))
+    assert longer["against_final"]["seeds"] == len(settings.final_seeds)
     # the other students ran with every seed too; each distilled one is judged against its twin
     assert all([r["seed"] for r in s["seeds"]] == list(settings.seeds) for s in results["students"])
     assert set(results["student_verdicts"]) == {f"{d} vs {t}" for d, t in results["distillation_pairs"]}
@@ -109,7 +118,8 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     profile = load_profile("smoke")
     shipped = smaller.ship_final(profile)
     settings = profile.smaller
-    assert len(shipped) == len(settings.final_seeds) + 1 + len(settings.long_students) * len(settings.seeds)
+    b_runs = 2 * len(settings.final_seeds)  # B's budget and the longer one
+    assert len(shipped) == b_runs + 1 + len(settings.long_students) * len(settings.seeds)
     assert all((p / "model.safetensors").is_file() for p in shipped)
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(

@@ -293,7 +293,8 @@ class SmallerConfig:
     with and without distillation, with the same seeds (``students`` at the ``compare`` budget,
     ``long_students`` at the ``long`` one); the search; and B: the chosen trial's student, in the
     trial's mode, for the ``final`` budget, once per ``final_seeds`` (the first is B), with a val
-    curve: the feasibility study's rule judges from them whether B's schedule has converged.
+    curve: the feasibility study's rule judges from them whether B's schedule has converged, and
+    the same seeds trained ``longer_factor`` times as long show whether a longer one still gains.
     ``pool_images`` of the pool get A's pseudo-labels."""
 
     pruning_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -320,6 +321,9 @@ class SmallerConfig:
     final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=12800, warmup_steps=50,
                                                                           eval_every=400))
     final_seeds: tuple[int, ...] = (0, 1, 2)
+    # B's schedule trained again this many times as long, with the same seeds: does a longer one
+    # still gain on val? (0: not checked)
+    longer_factor: float = 2.0
     search: SearchConfig = field(default_factory=SearchConfig)
     search_start: StudentConfig = StudentConfig("search start", depth=3, width=0.5, heads=0.34)
     bench: BenchConfig = field(default_factory=BenchConfig)

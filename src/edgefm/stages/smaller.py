@@ -17,7 +17,8 @@ Every candidate is a :class:`~edgefm.config.StudentConfig` built from A
    on val mAP and camera-rate latency as a fraction of A's;
 5. **B**: the most accurate trial within the latency budget, trained again in its mode for the
    final budget with several seeds and a val curve (has B's schedule converged, by the
-   feasibility study's rule?), beside A continued for as long.
+   feasibility study's rule? does the same schedule, longer, still gain?), beside A continued for
+   as long.
 
 Every trained model is kept (safetensors) under ``artifacts/<profile>/students/``, keyed by what
 made it, so a killed build continues where it stopped and another study reuses it; its scores
@@ -255,15 +256,17 @@ def shipped_students(profile: Profile) -> Path:
 
 
 def ship_final(profile: Profile | str | None = None) -> list[Path]:
-    """Copy the study's long runs (B and its control at the ``final`` budget, the ``long_students``)
-    to :func:`shipped_students`, with the command that made them, so a build reads them (and
-    re-traces their start) instead of training them."""
+    """Copy the study's long runs (B and its control at the ``final`` budget, B's seeds at the
+    :func:`longer_training` one, the ``long_students``) to :func:`shipped_students`, with the
+    command that made them, so a build reads them (and re-traces their start) instead of training
+    them."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     results = ensure_smaller(profile)
     found = Candidates(profile, progress=False)
     settings = profile.smaller
     b_spec = student_config(results["b_config"])
-    long_runs = [(replace(b_spec, seed=seed), settings.final) for seed in settings.final_seeds]
+    b_budgets = [settings.final] + [t for t in [longer_training(profile)] if t]
+    long_runs = [(replace(b_spec, seed=seed), t) for t in b_budgets for seed in settings.final_seeds]
     long_runs += [(continued(), control_training(profile))]
     long_runs += [(replace(spec, seed=seed), settings.long) for spec in settings.long_students
                   for seed in settings.seeds]
@@ -287,25 +290,43 @@ def control_training(profile: Profile) -> StudentTraining:
     return replace(profile.smaller.final, eval_every=0)
 
 
+def longer_training(profile: Profile) -> StudentTraining | None:
+    """B's schedule ``longer_factor`` times as long (the same warm-up and val curve), or None."""
+    settings = profile.smaller
+    if not settings.longer_factor:
+        return None
+    return replace(settings.final, steps=round(settings.final.steps * settings.longer_factor))
+
+
+def _b_run(found: Candidates, spec: StudentConfig, training: StudentTraining) -> tuple[dict, Detector, str]:
+    """One run of B's schedule: its val curve, final val mAP and training time; the model; its key."""
+    model, state = found.trained(spec, training)
+    key = found.key(spec, training)
+    return ({"seed": spec.seed, "val_curve": [[e["step"], e["map"]] for e in state.evals],
+             "val_map": found.val_map(model, key), "train_seconds": state.seconds}, model, key)
+
+
 def _b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
     """B (the first of ``final_seeds``) and its other seeds at the ``final`` budget: each run's val
-    curve, its val and eval mAP, and the feasibility study's rule applied to B's schedule (its
-    last quarter's gain against the spread of the seeds' final val mAPs)."""
+    curve, its val and eval mAP, and two checks of B's schedule: the feasibility study's rule (the
+    last quarter's gain against the spread of the seeds' final val mAPs), and the same seeds
+    trained :func:`longer_training`, each against its own seed at the ``final`` budget."""
     settings = found.profile.smaller
     runs = []
     for seed in settings.final_seeds:
-        spec = replace(b_spec, seed=seed)
-        model, state = found.trained(spec, settings.final)
-        key = found.key(spec, settings.final)
+        run, model, key = _b_run(found, replace(b_spec, seed=seed), settings.final)
         if seed == b_spec.seed:
             models[B_STUDY] = model, key
-        runs.append({"seed": seed, "val_curve": [[e["step"], e["map"]] for e in state.evals],
-                     "val_map": found.val_map(model, key), "train_seconds": state.seconds,
-                     "eval_map": found.scores(model, key, "eval")["map"]})
+        runs.append({**run, "eval_map": found.scores(model, key, "eval")["map"]})
     b, spread = runs[0], seed_spread(runs, lambda r: r["val_map"], least=2)
     rule = converged(b["val_curve"], spread, len(runs)) if b["val_curve"] else None  # no curve: no verdict
+    longer, training = None, longer_training(found.profile)
+    if training is not None:  # chosen on val: the longer runs are never scored on eval
+        longer_runs = [_b_run(found, replace(b_spec, seed=r["seed"]), training)[0] for r in runs]
+        longer = {"steps": training.steps, "seeds": longer_runs,
+                  "against_final": paired_gap([r["val_map"] for r in longer_runs], [r["val_map"] for r in runs])}
     return {"steps": settings.final.steps, "train_seconds": b["train_seconds"], "val_map": b["val_map"],
-            "seeds": runs, "convergence": rule}
+            "seeds": runs, "convergence": rule, "longer": longer}
 
 
 def student_config(record: dict) -> StudentConfig:
