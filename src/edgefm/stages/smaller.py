@@ -323,8 +323,8 @@ def _b_seeds(found: Candidates, b_spec: StudentConfig, models: dict) -> dict:
     longer, training = None, longer_training(found.profile)
     if training is not None:  # chosen on val: the longer runs are never scored on eval
         longer_runs = [_b_run(found, replace(b_spec, seed=r["seed"]), training)[0] for r in runs]
-        longer = {"steps": training.steps, "seeds": longer_runs,
-                  "against_final": paired_gap([r["val_map"] for r in longer_runs], [r["val_map"] for r in runs])}
+        val = [r["val_map"] for r in longer_runs], [r["val_map"] for r in runs]
+        longer = {"steps": training.steps, "seeds": longer_runs, "against_final": paired_gap(*val)}
     return {"steps": settings.final.steps, "train_seconds": b["train_seconds"], "val_map": b["val_map"],
             "seeds": runs, "convergence": rule, "longer": longer}
 
