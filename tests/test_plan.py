@@ -25,6 +25,12 @@ def test_the_plan_lists_every_stage_and_counts_what_each_trains():
     assert planned["quantization"].train_images == 2 * 4 * 8  # QAT and its FP32 control
     assert planned["peer"].train_images == (6 + 100) * 4  # and the re-trace of a shipped peer
     assert planned["pretrain"].train_images == 6 * 8
+    # pruning (1 ratio) at the comparison budget (4 steps of 4); 2 seeds of: 3 training modes and the
+    # control at that budget, the equal-compute arm (6 of 4), 2 students at that budget and 2 at the
+    # long one (6 of 4); 2 search trials; B's 2 seeds at 12 steps of 4 and at twice that, and its
+    # control; the re-traces of the 9 long runs a build would read from weights/ (100 steps of 4)
+    assert planned["smaller"].train_images == (16 + 2 * (4 * 16 + 24 + 2 * 16 + 2 * 24) + 2 * 16
+                                               + (2 * 12 + 2 * 24 + 12) * 4 + 9 * 100 * 4)
     assert planned["data"].train_images == 0
     assert "vit-mae-base (downloaded once from the hub)" in {s.name: s for s in stages(load_profile("full"))}[
         "pretrain"].settings

@@ -55,15 +55,18 @@ def _smaller_images(profile: Profile) -> int:
     from edgefm.stages.smaller import RETRACE_STEPS
 
     cfg = profile.smaller
+    seeds = len(cfg.seeds)
     compare = cfg.compare.steps * cfg.compare.batch_size
     pruning = len(cfg.pruning_ratios) * compare
-    arms = 3 * len(cfg.seeds) * compare  # labels, distillation, pool distillation
-    arms += len(cfg.seeds) * compare  # the control: A trained as long
-    arms += len(cfg.seeds) * cfg.compare_compute.steps * cfg.compare_compute.batch_size
-    others = len(cfg.students) * compare + len(cfg.long_students) * cfg.long.steps * cfg.long.batch_size
+    arms = 3 * seeds * compare  # labels, distillation, pool distillation
+    arms += seeds * compare  # the control: A trained as long
+    arms += seeds * cfg.compare_compute.steps * cfg.compare_compute.batch_size
+    long = cfg.long.steps * cfg.long.batch_size
+    others = seeds * (len(cfg.students) * compare + len(cfg.long_students) * long)
     search = cfg.search.trials * compare
-    final = 2 * cfg.final.steps * cfg.final.batch_size  # B and its control
-    long_runs = 2 + len(cfg.long_students)
+    b_runs = len(cfg.final_seeds) * (1 + cfg.longer_factor)  # B's seeds, on its schedule and the longer one
+    final = round((b_runs + 1) * cfg.final.steps) * cfg.final.batch_size  # and B's control
+    long_runs = len(cfg.final_seeds) * (2 if cfg.longer_factor else 1) + 1 + seeds * len(cfg.long_students)
     retraces = long_runs * RETRACE_STEPS * max(cfg.final.batch_size, cfg.long.batch_size)
     return pruning + arms + others + search + final + retraces
 
