@@ -52,7 +52,7 @@ def _feasibility_images(profile: Profile) -> int:
 
 def _smaller_images(profile: Profile) -> int:
     """Every candidate :mod:`edgefm.stages.smaller` trains, and the re-traces of its shipped long runs."""
-    from edgefm.stages.smaller import RETRACE_STEPS
+    from edgefm.stages.smaller import RETRACE_STEPS, longer_training
 
     cfg = profile.smaller
     seeds = len(cfg.seeds)
@@ -64,9 +64,9 @@ def _smaller_images(profile: Profile) -> int:
     long = cfg.long.steps * cfg.long.batch_size
     others = seeds * (len(cfg.students) * compare + len(cfg.long_students) * long)
     search = cfg.search.trials * compare
-    b_runs = len(cfg.final_seeds) * (1 + cfg.longer_factor)  # B's seeds, on its schedule and the longer one
-    final = round((b_runs + 1) * cfg.final.steps) * cfg.final.batch_size  # and B's control
-    long_runs = len(cfg.final_seeds) * (2 if cfg.longer_factor else 1) + 1 + seeds * len(cfg.long_students)
+    b_budgets = [t.steps for t in (cfg.final, longer_training(profile)) if t]  # B's schedule, the longer one
+    final = (len(cfg.final_seeds) * sum(b_budgets) + cfg.final.steps) * cfg.final.batch_size  # + control
+    long_runs = len(cfg.final_seeds) * len(b_budgets) + 1 + seeds * len(cfg.long_students)
     retraces = long_runs * RETRACE_STEPS * max(cfg.final.batch_size, cfg.long.batch_size)
     return pruning + arms + others + search + final + retraces
 

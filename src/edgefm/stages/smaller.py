@@ -265,7 +265,7 @@ def ship_final(profile: Profile | str | None = None) -> list[Path]:
     found = Candidates(profile, progress=False)
     settings = profile.smaller
     b_spec = student_config(results["b_config"])
-    b_budgets = [settings.final] + [t for t in [longer_training(profile)] if t]
+    b_budgets = [t for t in (settings.final, longer_training(profile)) if t]
     long_runs = [(replace(b_spec, seed=seed), t) for t in b_budgets for seed in settings.final_seeds]
     long_runs += [(continued(), control_training(profile))]
     long_runs += [(replace(spec, seed=seed), settings.long) for spec in settings.long_students
