@@ -233,7 +233,11 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert drop["interval"] == pytest.approx([low / 100, high / 100])
     # the peer: trained and quantized post-training, in the same benchmark, compared with C
     peer = summary["peer"]
-    assert peer["recipe"] != "INT8 QAT" and peer["peer_steps"] == 6 and peer["compute_fraction"] > 0
+    assert peer["recipe"] != "INT8 QAT" and peer["compute_fraction"] > 0
+    assert peer["longer_check"]["chosen"] == peer["peer_run"]  # the run chosen on val is the one compared
+    assert peer["peer_steps"] == {"base": 6, "longer": 12}[peer["peer_run"]]
+    assert peer["compute_fractions"]["longer"] == pytest.approx(2 * peer["compute_fractions"]["base"])
+    assert peer["compute_fraction"] == peer["compute_fractions"][peer["peer_run"]]
     assert peer["map_gap_ci"][0] <= peer["map_gap_ci"][1]
     assert peer["verdict"] in {"C more accurate", "the peer more accurate", "no difference shown"}
     chosen = next(r for r in results["variants"] if r["name"] == peer["format"])

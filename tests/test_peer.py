@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ from conftest import kill_after_checkpoint
 from edgefm.config import DetectorConfig, PeerConfig, load_profile
 from edgefm.data import ensure_dataset
 from edgefm.stages.peer import (
+    RUNS,
     PeerDecoder,
     PeerNetwork,
     build_peer,
     ensure_peer,
     load_peer,
+    longer_peer,
     peer_collate,
     ship_peer,
     shipped_peer,
@@ -99,14 +102,28 @@ def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, 
     from edgefm.cli import main
     from edgefm.stages import peer as module
 
+    profile = load_profile("smoke")
     results = ensure_peer("smoke", progress=False)
     low, high = results["eval"]["map_ci"]
-    assert low <= results["eval"]["map"] <= high and results["steps"] == load_profile("smoke").peer.steps
+    assert low <= results["eval"]["map"] <= high and results["run"] in RUNS
+    assert results["runs"]["base"]["steps"] == profile.peer.steps
+    assert results["runs"]["longer"]["steps"] == longer_peer(profile).steps == 2 * profile.peer.steps
+    assert results["steps"] == results["runs"][results["run"]]["steps"]
     assert not results["shipped"] and results["train_flops"] == 3 * results["flops"] * results["train_images"]
-    shipped = ship_peer("smoke")
-    assert (shipped / "made_by.json").is_file() and (shipped / "model.safetensors").is_file()
-    # a build with the shipped peer trains nothing and gets the same weights
+    # the longer schedule against the peer's own, on val: deployed only if shown better
+    check = results["longer_check"]
+    assert check["gap"] == pytest.approx(100 * (check["val_map"]["longer"] - check["val_map"]["base"]))
+    assert check["gap_ci"][0] <= check["gap_ci"][1]
+    assert (check["chosen"] == "longer") == (check["gap_ci"][0] > 0) and check["chosen"] == results["run"]
     folder = Path(results["folder"])  # the stage's cached result, removed to build it again
+    deployed = load_peer(folder, 10, profile.finetune.detector, profile.peer)
+    chosen = load_peer(folder / results["run"], 10, profile.finetune.detector, profile.peer)
+    assert all(torch.equal(v, chosen.state_dict()[k]) for k, v in deployed.state_dict().items())
+    shipped = ship_peer("smoke")
+    for run in RUNS:
+        assert (shipped_peer(profile, run) / "made_by.json").is_file()
+        assert (shipped_peer(profile, run) / "model.safetensors").is_file()
+    # a build with the shipped runs trains nothing and gets the same weights
     shutil.rmtree(folder)
     real_train = module.train_peer
 
@@ -117,17 +134,40 @@ def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, 
     monkeypatch.setattr(module, "train_peer", only_its_start)
     again = ensure_peer("smoke", progress=False)
     assert again["shipped"] and again["eval"]["map"] == pytest.approx(results["eval"]["map"], abs=1e-9)
-    # ... and checks the start of the shipped run by training it again: same seed, same losses
-    retraced = again["retrace"]
-    assert retraced["steps"] == 6 and retraced["max_loss_gap"] < 1e-3
-    assert shipped == shipped_peer(load_profile("smoke"))
+    assert again["longer_check"] == check
+    # ... and checks the start of each shipped run by training it again: same seed, same losses
+    for run, steps in (("base", 6), ("longer", 12)):  # smoke's warm-up is 1 step: two live runs
+        retraced = again["runs"][run]["retrace"]
+        assert retraced["steps"] == steps and retraced["max_loss_gap"] < 1e-3
+    assert shipped == shipped_peer(profile)
     assert main(["--profile", "smoke", "peer"]) == 0  # the command reads the cached stage
-    assert "eval mAP" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "eval mAP" in out and "12 steps long" in out
     # a shipped folder missing a file fails naming it, rather than training in its place
     shutil.rmtree(folder)
-    (shipped / "train_state.json").unlink()
-    with pytest.raises(FileNotFoundError, match="lacks train_state.json"):
+    (shipped_peer(profile, "longer") / "train_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match="longer: lacks train_state.json"):
         ensure_peer("smoke", progress=False)
+
+
+def test_one_live_run_retraces_every_schedule_whose_warm_up_it_stays_within(fashion_dir, tmp_path,
+                                                                            monkeypatch):
+    from edgefm.stages import peer as module
+
+    profile = load_profile("smoke")
+    profile = replace(profile, peer=replace(profile.peer, warmup_steps=6))
+    dataset, detector = ensure_dataset(profile), profile.finetune.detector
+    _, longer = train_peer(longer_peer(profile), dataset, detector, tmp_path / "longer", progress=False)
+    monkeypatch.setattr(module, "RETRACE_STEPS", 4)
+    stops, real_train = [], module.train_peer
+    monkeypatch.setattr(module, "train_peer", lambda *a, stop=0, **k: stops.append(stop) or real_train(
+        *a, stop=stop, **k))
+    runs = {run: {"cfg": cfg, "shipped": True, "state": longer}
+            for run, cfg in zip(RUNS, (profile.peer, longer_peer(profile)), strict=True)}
+    gaps = module.retrace(profile, dataset, runs, tmp_path)
+    # both schedules' first 4 steps lie in their warm-up: one live run of 4 steps re-traces both
+    assert stops == [4] and all(gaps[run]["max_loss_gap"] < 1e-3 for run in RUNS)
+    assert gaps["base"]["steps"] == gaps["longer"]["steps"] == 4
 
 
 def test_a_paired_interval_needs_the_same_resamplings():

@@ -23,7 +23,8 @@ def test_the_plan_lists_every_stage_and_counts_what_each_trains():
     # both inits on 30 % of the labels (2 steps each); then 4 live re-traces of 3 steps
     assert planned["feasibility"].train_images == 8 * (6 + 6 + 2 * 6 + 3 + 2 * 2) + 4 * 3 * 8
     assert planned["quantization"].train_images == 2 * 4 * 8  # QAT and its FP32 control
-    assert planned["peer"].train_images == (6 + 100) * 4  # and the re-trace of a shipped peer
+    # the peer (6 steps of 4) and its schedule doubled, each with the re-trace of its start if shipped
+    assert planned["peer"].train_images == (6 + 6 + 12 + 12) * 4
     assert planned["pretrain"].train_images == 6 * 8
     # pruning (1 ratio) at the comparison budget (4 steps of 4); 2 seeds of: 3 training modes and the
     # control at that budget, the equal-compute arm (6 of 4), 2 students at that budget and 2 at the

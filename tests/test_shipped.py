@@ -100,5 +100,6 @@ def test_the_shipped_search_is_complete_and_chose_the_shipped_b(default, model_a
 
 
 def test_the_shipped_peer_is_the_default_peer(default, tmp_path, capsys):
-    assert peer._shipped_state(default, peer.peer_key(default), tmp_path) is not None
+    for run, cfg in (("base", default.peer), ("longer", peer.longer_peer(default))):
+        assert peer._shipped_state(default, run, cfg, tmp_path) is not None, f"the peer's {run} run"
     assert "note:" not in capsys.readouterr().out

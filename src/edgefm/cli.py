@@ -365,6 +365,10 @@ def _cmd_peer(args: argparse.Namespace) -> None:
     low, high = results["eval"]["map_ci"]
     print(f"peer (SSDlite-MobileNetV3, {results['steps']} steps): eval mAP {results['eval']['map']:.3f} "
           f"[{low:.3f}, {high:.3f}]; {results['folder']}")
+    if check := results["longer_check"]:
+        low, high = check["gap_ci"]
+        print(f"the schedule {results['runs']['longer']['steps']} steps long: val mAP {check['gap']:+.1f} "
+              f"points [{low:+.1f}, {high:+.1f}] ({check['verdict']}); deployed: the {results['run']} one")
     if args.ship:
         print(f"shipped: {ship_peer(args.profile)}")
 

@@ -369,6 +369,10 @@ class Profile:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     smaller: SmallerConfig = field(default_factory=SmallerConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    # the peer's schedule this many times as long, beside it (same seed, same warm-up): does more
+    # compute close its gap? Deployed instead only if shown better on val (0: not checked). Outside
+    # PeerConfig because it changes no run: each run's key is its own PeerConfig.
+    peer_longer_factor: float = 2.0
     # eval scenes on which the deployed bundle's detections are compared with B's in PyTorch
     agreement_images: int = 100
     # eval scenes (the first ones) on which C's mAP is also computed on an emulated Arm core, where

@@ -26,6 +26,7 @@ from edgefm.config import Profile
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.stages.finetune import build_detector
 from edgefm.stages.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
+from edgefm.stages.peer import longer_peer
 from edgefm.tools.bench import count_flops
 from edgefm.tools.training import Schedule, StepData, fit, resolve_device
 
@@ -48,6 +49,12 @@ def _feasibility_images(profile: Profile) -> int:
     runs = study_runs(profile)
     retraces = len(live_runs(profile)) * profile.retrace_steps * profile.finetune.batch_size
     return sum(r.config(profile).steps * r.config(profile).batch_size for r in runs) + retraces
+
+
+def _peer_images(profile: Profile) -> int:
+    """The peer, its longer schedule and, at most, a live re-trace of the start of each shipped run."""
+    runs = [profile.peer] + ([longer_peer(profile)] if profile.peer_longer_factor else [])
+    return sum((cfg.steps + min(PEER_RETRACE_STEPS, cfg.steps)) * cfg.batch_size for cfg in runs)
 
 
 def _smaller_images(profile: Profile) -> int:
@@ -117,8 +124,9 @@ def stages(profile: Profile) -> list[PlannedStage]:
                      f"{len(sm.seeds)} seeds, {sm.search.trials} search trials, "
                      f"B {_steps(sm.final.steps, sm.final.batch_size)}", _smaller_images(profile)),
         PlannedStage("peer", "SSDlite-MobileNetV3 from scratch, for comparison",
-                     _steps(peer.steps, peer.batch_size),
-                     (peer.steps + PEER_RETRACE_STEPS) * peer.batch_size),
+                     f"{_steps(peer.steps, peer.batch_size)}, and {longer_peer(profile).steps} steps"
+                     if profile.peer_longer_factor else _steps(peer.steps, peer.batch_size),
+                     _peer_images(profile)),
         PlannedStage("deployment", "C = B in INT8, the bundle and the final benchmark",
                      f"QAT of B if QAT is A's best recipe; {q.bench.runs} timed runs per variant and thread "
                      "count", _qat_images(profile)),

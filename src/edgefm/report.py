@@ -94,7 +94,8 @@ def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float
     """C against the peer in the format it would be deployed in (:func:`peer_format`), from one
     benchmark run: the mAP gap (points, C minus peer) with its paired interval, the verdict it
     allows, the latency at camera rate, and how the peer's training compute compares with A's
-    and B's. ``formats`` keeps both of the peer's files' figures, the one not chosen included."""
+    and B's (the deployed run's, and each run's: the longer schedule's too). ``formats`` keeps both
+    of the peer's files' figures, the one not chosen included."""
     formats = {name: {"val_map": val_maps[name], "map": records[name]["map"],
                       "map_ci": records[name].get("map_ci"),
                       "latency_camera_ms_2t": records[name]["latency_camera_ms_2t"]} for name in PEER_FORMATS}
@@ -110,7 +111,10 @@ def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float
             "peer_train_flops": peer_results["train_flops"], "a_and_b_train_flops": a_and_b_flops,
             "compute_fraction": peer_results["train_flops"] / a_and_b_flops,
             "peer_steps": peer_results["steps"], "peer_shipped": peer_results["shipped"],
-            "peer_val_curve": peer_results["val_curve"]}
+            "peer_val_curve": peer_results["val_curve"], "peer_run": peer_results["run"],
+            "longer_check": peer_results["longer_check"],
+            "compute_fractions": {run: record["train_flops"] / a_and_b_flops
+                                  for run, record in peer_results["runs"].items()}}
 
 
 def summary(results: dict) -> dict:

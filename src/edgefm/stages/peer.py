@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.stages.finetune import config_differences, weights_root
 from edgefm.tools.bench import count_flops
-from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, torch_runner
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, torch_runner
 from edgefm.tools.export import export_onnx
 from edgefm.tools.training import Schedule, StepData, TrainState, fit, loss_gaps, save_weights
 
@@ -111,10 +111,12 @@ def peer_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Ten
             [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"] + 1} for t in targets])
 
 
-def evaluate_peer(ssd: SSD, split: CocoSplit, detector: DetectorConfig, bootstrap: int = 0) -> dict:
-    """COCO metrics of the peer in PyTorch on ``split``, through the same evaluation as A."""
+def evaluate_peer(ssd: SSD, split: CocoSplit, detector: DetectorConfig, bootstrap: int = 0,
+                  samples: bool = False) -> dict:
+    """COCO metrics of the peer in PyTorch on ``split``, through the same evaluation as A
+    (``samples``: keep the resampled mAPs, for a paired gap)."""
     return evaluate_split(torch_runner(PeerNetwork(ssd)), split, detector, decoder=PeerDecoder(ssd),
-                          bootstrap=bootstrap)
+                          bootstrap=bootstrap, samples=samples)
 
 
 def train_peer(cfg: PeerConfig, dataset: DetectionDataset, detector: DetectorConfig, work: Path,
@@ -162,16 +164,26 @@ def load_peer(folder: Path, num_classes: int, detector: DetectorConfig, cfg: Pee
 
 SHIP_COMMAND = "edgefm --profile {profile} peer --ship"
 RETRACE_STEPS = 100  # steps a build trains again to check a shipped peer's start
+RUNS = ("base", "longer")  # the peer's schedule, and the same one longer (Profile.peer_longer_factor)
 
 
-def peer_key(profile: Profile) -> dict:
-    """What the peer's result depends on: its settings, A's input and decoding, the scenes."""
-    return {"peer": profile.peer, "detector": profile.finetune.detector, "data": profile.data}
+def longer_peer(profile: Profile) -> PeerConfig:
+    """The peer's schedule ``profile.peer_longer_factor`` times as long, with the same warm-up."""
+    cfg = profile.peer
+    return replace(cfg, steps=max(1, round(cfg.steps * profile.peer_longer_factor)))
 
 
-def shipped_peer(profile: Profile) -> Path:
-    """Where the book ships a peer too long to train in the build (``weights/peer-<profile>``)."""
-    return weights_root() / f"peer-{profile.name}"
+def peer_key(profile: Profile, cfg: PeerConfig | None = None) -> dict:
+    """What a peer run's result depends on: its settings (default: the profile's), A's input and
+    decoding, the scenes."""
+    return {"peer": cfg or profile.peer, "detector": profile.finetune.detector, "data": profile.data}
+
+
+def shipped_peer(profile: Profile, run: str = "base") -> Path:
+    """Where the book ships a peer run too long to train in the build: ``weights/peer-<profile>``,
+    the longer schedule in its ``longer`` folder."""
+    folder = weights_root() / f"peer-{profile.name}"
+    return folder if run == "base" else folder / run
 
 
 def training_flops(flops: int, images: int) -> float:
@@ -180,21 +192,22 @@ def training_flops(flops: int, images: int) -> float:
 
 
 def ensure_peer(profile: Profile | str | None = None, progress: bool = True) -> dict:
-    """The peer trained (or read from :func:`shipped_peer` when its config matches), evaluated on
-    the eval scenes with a bootstrap interval, and exported to ONNX (``peer.onnx``). Cached; writes
+    """The peer trained (or read from :func:`shipped_peer` when its config matches), beside it the
+    same schedule longer, the one to deploy chosen on val (:func:`longer_check`), evaluated on the
+    eval scenes with a bootstrap interval and exported to ONNX (``peer.onnx``). Cached; writes
     ``metrics/peer.json``; returns the results with ``folder``."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    key = peer_key(profile)
-    return stage(profile.name, "peer", key, lambda work: _build(work, profile, key, progress))
+    key = {**peer_key(profile), "longer_factor": profile.peer_longer_factor}
+    return stage(profile.name, "peer", key, lambda work: _build(work, profile, progress))
 
 
-def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None:
-    """Copy the shipped peer into ``work`` if it was made with ``key``; its training history."""
-    folder = shipped_peer(profile)
+def _shipped_state(profile: Profile, run: str, cfg: PeerConfig, work: Path) -> TrainState | None:
+    """Copy the shipped peer ``run`` into ``work`` if it was made with ``cfg``; its training history."""
+    folder = shipped_peer(profile, run)
     if not (folder / "config.json").is_file():
         return None
     made = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    differences = config_differences(made, json.loads(json.dumps(plain(key), default=str)))
+    differences = config_differences(made, json.loads(json.dumps(plain(peer_key(profile, cfg)), default=str)))
     if differences:
         print(f"note: {folder} was made with other settings than profile {profile.name!r}'s "
               f"({', '.join(differences)}); training the peer here")
@@ -207,48 +220,101 @@ def _shipped_state(profile: Profile, key: dict, work: Path) -> TrainState | None
     return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
 
 
-def _build(work: Path, profile: Profile, key: dict, progress: bool) -> dict:
+def _run(profile: Profile, run: str, cfg: PeerConfig, dataset: DetectionDataset, work: Path,
+         progress: bool) -> dict:
+    """One of the peer's runs, in ``work/<run>``: read from its shipped copy, else trained there."""
+    folder = work / run
+    folder.mkdir(exist_ok=True)
+    detector = profile.finetune.detector
+    state = _shipped_state(profile, run, cfg, folder)
+    shipped = state is not None
+    if shipped:
+        model = load_peer(folder, len(CocoDetection(dataset.train).class_names), detector, cfg)
+    else:
+        model, state = train_peer(cfg, dataset, detector, folder, progress)
+    atomic_write_json(folder / "train_state.json", asdict(state))
+    atomic_write_json(folder / "config.json", plain(peer_key(profile, cfg)))  # what ship_peer copies
+    return {"cfg": cfg, "model": model, "state": state, "shipped": shipped}
+
+
+def _build(work: Path, profile: Profile, progress: bool) -> dict:
     dataset, detector = ensure_dataset(profile), profile.finetune.detector
     classes = CocoDetection(dataset.train).class_names
-    state = _shipped_state(profile, key, work)
-    shipped = state is not None
-    if state is None:
-        model, state = train_peer(profile.peer, dataset, detector, work, progress)
-    else:
-        model = load_peer(work, len(classes), detector, profile.peer)
-    atomic_write_json(work / "train_state.json", asdict(state))
-    retraced = retrace(profile, dataset, state, work) if shipped else None
+    configs = {"base": profile.peer}
+    if profile.peer_longer_factor and dataset.val is not None:  # the choice needs val scenes
+        configs["longer"] = longer_peer(profile)
+    runs = {run: _run(profile, run, cfg, dataset, work, progress) for run, cfg in configs.items()}
+    retraces = retrace(profile, dataset, runs, work)
+    check = longer_check(runs["base"]["model"], runs["longer"]["model"], dataset.val, detector) \
+        if "longer" in runs else None
+    chosen = check["chosen"] if check else "base"
+    model = runs[chosen]["model"]
+    shutil.copyfile(work / chosen / WEIGHTS, work / WEIGHTS)  # the deployed peer (load_peer(folder))
     network = PeerNetwork(model)
     export_onnx(network, work / ONNX_FILE, detector.image_size)
-    flops, cfg = count_flops(network, detector.image_size), profile.peer
+    flops = count_flops(network, detector.image_size)
+
+    def summary(run: str) -> dict:
+        state, batch = runs[run]["state"], runs[run]["cfg"].batch_size
+        return {"steps": state.step, "val_curve": [[e["step"], e["map"]] for e in state.evals],
+                "train_seconds": state.seconds, "train_images": state.step * batch,
+                "train_flops": training_flops(flops, state.step * batch), "shipped": runs[run]["shipped"],
+                "retrace": retraces.get(run)}
+
     metrics = evaluate_peer(model, dataset.eval, detector, bootstrap=BOOTSTRAP)
-    return {
-        "eval": metrics, "val_curve": [[e["step"], e["map"]] for e in state.evals], "steps": state.step,
-        "train_seconds": state.seconds, "train_images": state.step * cfg.batch_size,
-        "train_flops": training_flops(flops, state.step * cfg.batch_size), "flops": flops,
-        "params": sum(p.numel() for p in model.parameters()), "classes": classes,
-        "shipped": shipped, "retrace": retraced,
-        "ship_command": SHIP_COMMAND.format(profile=profile.name)}
+    return {"eval": metrics, "run": chosen, **summary(chosen), "runs": {run: summary(run) for run in runs},
+            "longer_check": check, "flops": flops, "params": sum(p.numel() for p in model.parameters()),
+            "classes": classes, "ship_command": SHIP_COMMAND.format(profile=profile.name)}
 
 
-def retrace(profile: Profile, dataset: DetectionDataset, shipped: TrainState, work: Path) -> dict:
-    """Train the first :data:`RETRACE_STEPS` steps of the shipped peer's schedule again, here:
-    same seed, same batches, so its losses should follow the shipped ones (to the rounding of
-    another CPU's arithmetic); a large gap means the shipped run was made otherwise."""
-    steps = min(RETRACE_STEPS, profile.peer.steps)
-    with tempfile.TemporaryDirectory(dir=work) as folder:
-        _, live = train_peer(profile.peer, dataset, profile.finetune.detector, Path(folder), progress=False,
-                             stop=steps)
-    return loss_gaps(live.losses, shipped.losses)
+def longer_check(base: SSD, longer: SSD, split: CocoSplit, detector: DetectorConfig) -> dict:
+    """The longer schedule against the peer's own on ``split`` (val), paired over the same
+    resampled images: the longer one is deployed only if it is shown better (the interval of its
+    gap above zero), since a practitioner would not pay for compute that does not pay."""
+    scores = {run: evaluate_peer(model, split, detector, bootstrap=BOOTSTRAP, samples=True)
+              for run, model in zip(RUNS, (base, longer), strict=True)}
+    interval = [100 * v for v in gap_interval(scores["longer"]["map_samples"], scores["base"]["map_samples"])]
+    verdict = ("longer better" if interval[0] > 0 else "longer worse" if interval[1] < 0
+               else "no difference shown")
+    return {"val_map": {run: scores[run]["map"] for run in RUNS},
+            "gap": 100 * (scores["longer"]["map"] - scores["base"]["map"]), "gap_ci": interval,
+            "verdict": verdict, "chosen": "longer" if verdict == "longer better" else "base"}
+
+
+def retrace(profile: Profile, dataset: DetectionDataset, runs: dict[str, dict],
+            work: Path) -> dict[str, dict]:
+    """Train the first :data:`RETRACE_STEPS` steps of each shipped peer run again, here: same seed,
+    same batches, so their losses should follow the shipped ones (to the rounding of another CPU's
+    arithmetic); a large gap means the shipped run was made otherwise. In its warm-up a schedule's
+    length changes nothing, so one live run serves every schedule whose warm-up it stays within."""
+    live: dict[tuple, list[float]] = {}
+    gaps = {}
+    for run, record in runs.items():
+        if not record["shipped"]:
+            continue
+        cfg = record["cfg"]
+        steps = min(RETRACE_STEPS, cfg.steps)
+        start = (replace(cfg, steps=0) if steps <= cfg.warmup_steps else cfg, steps)
+        if start not in live:
+            with tempfile.TemporaryDirectory(dir=work) as folder:
+                _, state = train_peer(cfg, dataset, profile.finetune.detector, Path(folder), progress=False,
+                                      stop=steps)
+            live[start] = state.losses
+        gaps[run] = loss_gaps(live[start], record["state"].losses)
+    return gaps
 
 
 def ship_peer(profile: Profile | str | None = None) -> Path:
-    """Copy the peer's weights, history and config to :func:`shipped_peer`, with the command that
-    made them, so a build reads them instead of training."""
+    """Copy each of the peer's runs (weights, history, config) to :func:`shipped_peer`, with the
+    command that made them, so a build reads them instead of training."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    source, target = Path(ensure_peer(profile)["folder"]), shipped_peer(profile)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, "train_state.json", "config.json"):
-        shutil.copyfile(source / name, target / name)
-    atomic_write_json(target / "made_by.json", {"command": SHIP_COMMAND.format(profile=profile.name)})
-    return target
+    work = Path(ensure_peer(profile)["folder"])
+    for run in RUNS:
+        if not (work / run).is_dir():
+            continue
+        target = shipped_peer(profile, run)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS, "train_state.json", "config.json"):
+            shutil.copyfile(work / run / name, target / name)
+        atomic_write_json(target / "made_by.json", {"command": SHIP_COMMAND.format(profile=profile.name)})
+    return shipped_peer(profile)
