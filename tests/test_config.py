@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from edgefm.config import PROFILES, DataConfig, UnknownProfileError, load_profile, profile_name
@@ -84,3 +86,11 @@ def test_every_profile_searches_students_of_its_own_model(name):
     assert all(1 <= d <= depth for d in smaller.search.depths), smaller.search.depths
     for student in (smaller.arm, smaller.search_start, *smaller.long_students):
         assert student.depth <= depth and student.image_size <= size, student
+
+
+def test_the_peer_check_schedule_is_longer_than_the_peer_or_off():
+    profile = load_profile("smoke")
+    assert replace(profile, peer_longer_factor=0).peer_longer_factor == 0
+    for factor in (0.5, 1, -2):
+        with pytest.raises(ValueError, match="peer_longer_factor"):
+            replace(profile, peer_longer_factor=factor)

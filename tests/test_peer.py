@@ -168,6 +168,44 @@ def test_one_live_run_retraces_every_schedule_whose_warm_up_it_stays_within(fash
     # both schedules' first 4 steps lie in their warm-up: one live run of 4 steps re-traces both
     assert stops == [4] and all(gaps[run]["max_loss_gap"] < 1e-3 for run in RUNS)
     assert gaps["base"]["steps"] == gaps["longer"]["steps"] == 4
+    # past the warm-up the two schedules' learning rates part: each needs its own live run
+    short = replace(profile, peer=replace(profile.peer, warmup_steps=2))
+    runs = {run: {**record, "cfg": replace(record["cfg"], warmup_steps=2)} for run, record in runs.items()}
+    stops.clear()
+    module.retrace(short, dataset, runs, tmp_path)
+    assert stops == [4, 4]
+
+
+@pytest.mark.parametrize(("longer_samples", "verdict"), [
+    ([0.30, 0.31, 0.32], "longer better"), ([0.10, 0.11, 0.12], "longer worse"),
+    ([0.18, 0.20, 0.23], "no difference shown")])
+def test_the_longer_schedule_is_chosen_only_when_shown_better_on_val(monkeypatch, longer_samples, verdict):
+    from edgefm.stages import peer as module
+
+    scores = {"base": {"map": 0.2, "map_samples": [0.2, 0.2, 0.2]},
+              "longer": {"map": float(np.mean(longer_samples)), "map_samples": longer_samples}}
+    monkeypatch.setattr(module, "evaluate_peer", lambda model, *args, **kwargs: scores[model])
+    check = module.longer_check("base", "longer", None, DETECTOR)  # models stand in by name
+    assert check["verdict"] == verdict
+    assert check["chosen"] == ("longer" if verdict == "longer better" else "base")
+    gaps = 100 * (np.asarray(longer_samples) - 0.2)
+    assert check["gap"] == pytest.approx(gaps.mean())
+    assert check["gap_ci"] == pytest.approx(np.percentile(gaps, [2.5, 97.5]))
+
+
+def test_the_longer_run_is_deployed_when_it_is_chosen(fashion_dir, monkeypatch):
+    from edgefm.stages import peer as module
+
+    monkeypatch.setattr(module, "longer_check", lambda *args: {
+        "val_map": {}, "gap": 1.0, "gap_ci": [0.5, 1.5], "verdict": "longer better", "chosen": "longer"})
+    profile = replace(load_profile("smoke"), peer_longer_factor=3.0)  # a stage of its own
+    results = ensure_peer(profile, progress=False)
+    assert results["run"] == "longer" and results["steps"] == 3 * profile.peer.steps
+    assert results["train_flops"] == 3 * results["flops"] * 3 * profile.peer.steps * profile.peer.batch_size
+    folder = Path(results["folder"])
+    deployed = load_peer(folder, 10, profile.finetune.detector, profile.peer)
+    longer = load_peer(folder / "longer", 10, profile.finetune.detector, profile.peer)
+    assert all(torch.equal(v, longer.state_dict()[k]) for k, v in deployed.state_dict().items())
 
 
 def test_a_paired_interval_needs_the_same_resamplings():

@@ -25,6 +25,9 @@ def test_the_plan_lists_every_stage_and_counts_what_each_trains():
     assert planned["quantization"].train_images == 2 * 4 * 8  # QAT and its FP32 control
     # the peer (6 steps of 4) and its schedule doubled, each with the re-trace of its start if shipped
     assert planned["peer"].train_images == (6 + 6 + 12 + 12) * 4
+    # default: the peer's two runs share their warm-up, so one re-trace of 100 steps serves both
+    default = {s.name: s for s in stages(load_profile("default"))}
+    assert default["peer"].train_images == (4000 + 8000 + 100) * 32
     assert planned["pretrain"].train_images == 6 * 8
     # pruning (1 ratio) at the comparison budget (4 steps of 4); 2 seeds of: 3 training modes and the
     # control at that budget, the equal-compute arm (6 of 4), 2 students at that budget and 2 at the

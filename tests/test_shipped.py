@@ -102,4 +102,8 @@ def test_the_shipped_search_is_complete_and_chose_the_shipped_b(default, model_a
 def test_the_shipped_peer_is_the_default_peer(default, tmp_path, capsys):
     for run, cfg in (("base", default.peer), ("longer", peer.longer_peer(default))):
         assert peer._shipped_state(default, run, cfg, tmp_path) is not None, f"the peer's {run} run"
+    # the longer run shares the peer's seed and first batches: its first step's loss is the peer's
+    first = [json.loads((peer.shipped_peer(default, run) / "train_state.json").read_text())["losses"][0]
+             for run in peer.RUNS]
+    assert first[0] == pytest.approx(first[1], abs=1e-3)
     assert "note:" not in capsys.readouterr().out

@@ -569,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     peer = commands.add_parser("peer", help="train the detector a practitioner would pick instead "
                                "(SSDlite-MobileNetV3 from scratch) and evaluate it (cached; resumes)")
-    peer.add_argument("--ship", action="store_true", help="copy it to weights/peer-<profile>/, where "
-                      "builds read it instead of training")
+    peer.add_argument("--ship", action="store_true", help="copy its runs to weights/peer-<profile>/ (the "
+                      "longer one to its longer/ folder), where builds read them instead of training")
     peer.set_defaults(run=_cmd_peer)
 
     compress = commands.add_parser("compress", help="the whole pipeline: A -> B (smaller) -> C (B in INT8), "

@@ -382,6 +382,11 @@ class Profile:
     # `edgefm long-runs`); a missing or mismatched one is trained here, with a note
     shipped: bool = False
 
+    def __post_init__(self) -> None:
+        if self.peer_longer_factor != 0 and self.peer_longer_factor <= 1:
+            raise ValueError(f"peer_longer_factor {self.peer_longer_factor:g}: the check's schedule must be "
+                             "longer than the peer's (more than 1), or 0 for no check")
+
 
 def _smoke() -> Profile:
     data = DataConfig(

@@ -25,8 +25,7 @@ import torch
 from edgefm.config import Profile
 from edgefm.models.centernet import EncodeTargets, centernet_loss
 from edgefm.stages.finetune import build_detector
-from edgefm.stages.peer import RETRACE_STEPS as PEER_RETRACE_STEPS
-from edgefm.stages.peer import longer_peer
+from edgefm.stages.peer import longer_peer, retraced_start
 from edgefm.tools.bench import count_flops
 from edgefm.tools.training import Schedule, StepData, fit, resolve_device
 
@@ -52,9 +51,12 @@ def _feasibility_images(profile: Profile) -> int:
 
 
 def _peer_images(profile: Profile) -> int:
-    """The peer, its longer schedule and, at most, a live re-trace of the start of each shipped run."""
+    """The peer, its longer schedule and the live re-traces of their starts if shipped (one where
+    both stay within their warm-up)."""
     runs = [profile.peer] + ([longer_peer(profile)] if profile.peer_longer_factor else [])
-    return sum((cfg.steps + min(PEER_RETRACE_STEPS, cfg.steps)) * cfg.batch_size for cfg in runs)
+    starts = {retraced_start(cfg) for cfg in runs}
+    retraces = sum(steps * cfg.batch_size for cfg, steps in starts)
+    return sum(cfg.steps * cfg.batch_size for cfg in runs) + retraces
 
 
 def _smaller_images(profile: Profile) -> int:
@@ -124,8 +126,9 @@ def stages(profile: Profile) -> list[PlannedStage]:
                      f"{len(sm.seeds)} seeds, {sm.search.trials} search trials, "
                      f"B {_steps(sm.final.steps, sm.final.batch_size)}", _smaller_images(profile)),
         PlannedStage("peer", "SSDlite-MobileNetV3 from scratch, for comparison",
-                     f"{_steps(peer.steps, peer.batch_size)}, and {longer_peer(profile).steps} steps"
-                     if profile.peer_longer_factor else _steps(peer.steps, peer.batch_size),
+                     _steps(peer.steps, peer.batch_size) + (
+                         f", and {_steps(longer_peer(profile).steps, peer.batch_size)}"
+                         if profile.peer_longer_factor else ""),
                      _peer_images(profile)),
         PlannedStage("deployment", "C = B in INT8, the bundle and the final benchmark",
                      f"QAT of B if QAT is A's best recipe; {q.bench.runs} timed runs per variant and thread "

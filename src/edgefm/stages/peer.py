@@ -176,7 +176,8 @@ def longer_peer(profile: Profile) -> PeerConfig:
 def peer_key(profile: Profile, cfg: PeerConfig | None = None) -> dict:
     """What a peer run's result depends on: its settings (default: the profile's), A's input and
     decoding, the scenes."""
-    return {"peer": cfg or profile.peer, "detector": profile.finetune.detector, "data": profile.data}
+    return {"peer": profile.peer if cfg is None else cfg, "detector": profile.finetune.detector,
+            "data": profile.data}
 
 
 def shipped_peer(profile: Profile, run: str = "base") -> Path:
@@ -292,16 +293,21 @@ def retrace(profile: Profile, dataset: DetectionDataset, runs: dict[str, dict],
     for run, record in runs.items():
         if not record["shipped"]:
             continue
-        cfg = record["cfg"]
-        steps = min(RETRACE_STEPS, cfg.steps)
-        start = (replace(cfg, steps=0) if steps <= cfg.warmup_steps else cfg, steps)
+        cfg, start = record["cfg"], retraced_start(record["cfg"])
         if start not in live:
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 _, state = train_peer(cfg, dataset, profile.finetune.detector, Path(folder), progress=False,
-                                      stop=steps)
+                                      stop=start[1])
             live[start] = state.losses
         gaps[run] = loss_gaps(live[start], record["state"].losses)
     return gaps
+
+
+def retraced_start(cfg: PeerConfig) -> tuple[PeerConfig, int]:
+    """What a re-trace of a run with ``cfg`` trains: the settings that shape its first steps and how
+    many it trains. Within the warm-up the schedule's length changes nothing, so it is left out."""
+    steps = min(RETRACE_STEPS, cfg.steps)
+    return (replace(cfg, steps=0) if steps <= cfg.warmup_steps else cfg), steps
 
 
 def ship_peer(profile: Profile | str | None = None) -> Path:
