@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,8 @@ def test_the_peer_stage_evaluates_exports_and_reads_a_shipped_peer(fashion_dir, 
     assert results["runs"]["base"]["steps"] == profile.peer.steps
     assert results["runs"]["longer"]["steps"] == longer_peer(profile).steps == 2 * profile.peer.steps
     assert results["steps"] == results["runs"][results["run"]]["steps"]
+    state = json.loads((Path(results["folder"]) / "longer" / "train_state.json").read_text())
+    assert results["runs"]["longer"]["end_loss"] == pytest.approx(np.mean(state["losses"][-1:]))  # 5 % of 12
     assert not results["shipped"] and results["train_flops"] == 3 * results["flops"] * results["train_images"]
     # the longer schedule against the peer's own, on val: deployed only if shown better
     check = results["longer_check"]

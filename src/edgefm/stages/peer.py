@@ -258,6 +258,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     def summary(run: str) -> dict:
         state, batch = runs[run]["state"], runs[run]["cfg"].batch_size
         return {"steps": state.step, "val_curve": [[e["step"], e["map"]] for e in state.evals],
+                "end_loss": end_loss(state.losses),
                 "train_seconds": state.seconds, "train_images": state.step * batch,
                 "train_flops": training_flops(flops, state.step * batch), "shipped": runs[run]["shipped"],
                 "retrace": retraces.get(run)}
@@ -266,6 +267,11 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     return {"eval": metrics, "run": chosen, **summary(chosen), "runs": {run: summary(run) for run in runs},
             "longer_check": check, "flops": flops, "params": sum(p.numel() for p in model.parameters()),
             "classes": classes, "ship_command": SHIP_COMMAND.format(profile=profile.name)}
+
+
+def end_loss(losses: list[float]) -> float:
+    """A run's training loss at its end: the mean over its last 5 % of steps (one step is noisy)."""
+    return float(np.mean(losses[-max(1, len(losses) // 20):]))
 
 
 def longer_check(base: SSD, longer: SSD, split: CocoSplit, detector: DetectorConfig) -> dict:
