@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from edgefm.targets import TARGETS, Check
-from edgefm.tools.evaluate import gap_interval
+from edgefm.tools.evaluate import gap_interval, interval_verdict
 
 A_TORCH, A_ORT = "A (PyTorch FP32)", "A (ONNX Runtime FP32)"
 B_TORCH, B_ORT = "B (PyTorch FP32)", "B (ONNX Runtime FP32)"
@@ -102,8 +102,7 @@ def peer_comparison(c: dict, records: dict[str, dict], val_maps: dict[str, float
     chosen, _ = peer_format(formats)
     peer = records[chosen]
     interval = [100 * v for v in gap_interval(samples[C_INT8], samples[chosen])]
-    verdict = ("C more accurate" if interval[0] > 0 else "the peer more accurate" if interval[1] < 0
-               else "no difference shown")
+    verdict = interval_verdict(interval, "C more accurate", "the peer more accurate")
     return {"format": chosen, "formats": formats, "chosen_on": "val",
             "map_gap": 100 * (c["map"] - peer["map"]), "map_gap_ci": interval, "verdict": verdict,
             "c_latency_camera_ms_2t": c["latency_camera_ms_2t"],

@@ -43,7 +43,7 @@ from edgefm.data.coco import CocoDetection, CocoSplit
 from edgefm.data.transforms import detection_transforms
 from edgefm.stages.finetune import config_differences, weights_root
 from edgefm.tools.bench import count_flops
-from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, torch_runner
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_verdict, torch_runner
 from edgefm.tools.export import export_onnx
 from edgefm.tools.training import Schedule, StepData, TrainState, fit, loss_gaps, save_weights
 
@@ -221,7 +221,7 @@ def _shipped_state(profile: Profile, run: str, cfg: PeerConfig, work: Path) -> T
     return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
 
 
-def _run(profile: Profile, run: str, cfg: PeerConfig, dataset: DetectionDataset, work: Path,
+def _run(profile: Profile, run: str, cfg: PeerConfig, dataset: DetectionDataset, classes: int, work: Path,
          progress: bool) -> dict:
     """One of the peer's runs, in ``work/<run>``: read from its shipped copy, else trained there."""
     folder = work / run
@@ -230,7 +230,7 @@ def _run(profile: Profile, run: str, cfg: PeerConfig, dataset: DetectionDataset,
     state = _shipped_state(profile, run, cfg, folder)
     shipped = state is not None
     if shipped:
-        model = load_peer(folder, len(CocoDetection(dataset.train).class_names), detector, cfg)
+        model = load_peer(folder, classes, detector, cfg)
     else:
         model, state = train_peer(cfg, dataset, detector, folder, progress)
     atomic_write_json(folder / "train_state.json", asdict(state))
@@ -244,7 +244,8 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     configs = {"base": profile.peer}
     if profile.peer_longer_factor and dataset.val is not None:  # the choice needs val scenes
         configs["longer"] = longer_peer(profile)
-    runs = {run: _run(profile, run, cfg, dataset, work, progress) for run, cfg in configs.items()}
+    runs = {run: _run(profile, run, cfg, dataset, len(classes), work, progress)
+            for run, cfg in configs.items()}
     retraces = retrace(profile, dataset, runs, work)
     check = longer_check(runs["base"]["model"], runs["longer"]["model"], dataset.val, detector) \
         if "longer" in runs else None
@@ -281,8 +282,7 @@ def longer_check(base: SSD, longer: SSD, split: CocoSplit, detector: DetectorCon
     scores = {run: evaluate_peer(model, split, detector, bootstrap=BOOTSTRAP, samples=True)
               for run, model in zip(RUNS, (base, longer), strict=True)}
     interval = [100 * v for v in gap_interval(scores["longer"]["map_samples"], scores["base"]["map_samples"])]
-    verdict = ("longer better" if interval[0] > 0 else "longer worse" if interval[1] < 0
-               else "no difference shown")
+    verdict = interval_verdict(interval, "longer better", "longer worse")
     return {"val_map": {run: scores[run]["map"] for run in RUNS},
             "gap": 100 * (scores["longer"]["map"] - scores["base"]["map"]), "gap_ci": interval,
             "verdict": verdict, "chosen": "longer" if verdict == "longer better" else "base"}

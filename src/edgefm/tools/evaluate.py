@@ -182,6 +182,12 @@ def gap_interval(a_samples: list[float], b_samples: list[float]) -> list[float]:
     return np.percentile(np.asarray(a_samples) - np.asarray(b_samples), [2.5, 97.5]).tolist()
 
 
+def interval_verdict(interval: list[float], higher: str, lower: str) -> str:
+    """What a paired gap's 95 % interval (:func:`gap_interval`) lets the book say: ``higher`` or
+    ``lower`` only when the interval leaves out zero."""
+    return higher if interval[0] > 0 else lower if interval[1] < 0 else "no difference shown"
+
+
 def interval_gap(a: dict, b: dict) -> dict:
     """``a``'s mAP minus ``b``'s, and whether the gap is larger than the two intervals'
     half-widths added: the book's rule before it says one model beats another."""
