@@ -225,6 +225,14 @@ def test_compress_in_smoke_builds_c_its_bundle_and_the_summary(fashion_dir, tmp_
     assert f"{c['latency_ms_2t']:.2f}" in card  # the measured figures, not typed ones
     summary = read_metrics("smoke", "summary")
     assert summary["C"] == c and summary["latency_speedup_2t"] == c["latency_speedup_2t"]
+    assert summary["latency_camera_speedup_2t"] == c["camera_speedup_2t"]
+    # every missed target says what B would need; the front holds the fastest and the most accurate
+    missed = {(t["target"], t["origin"]) for t in summary["targets"] if not t["met"]}
+    assert {(e["target"], e["origin"]) for e in summary["shortfalls"]} == missed
+    front = summary["pareto_front"]
+    camera_ms = [r["latency_camera_ms_2t"] for r in results["variants"]]
+    assert front[0]["latency_camera_ms_2t"] == min(camera_ms)
+    assert front[-1]["map"] == max(r["map"] for r in results["variants"])
     assert summary["map_drop"] == pytest.approx((summary["A"]["map"] - c["map"]) * 100)
     # the drop's interval is a paired bootstrap over the eval images, in points, and judges the target
     low, high = summary["map_drop_ci"]

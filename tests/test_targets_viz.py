@@ -71,3 +71,63 @@ def test_the_speedup_factors_multiply_to_cs_speedup():
     factors = speedup_factors({name: {"latency_camera_ms_2t": v} for name, v in ms.items()})
     assert factors == {"runtime": 2.0, "architecture": 4.0, "INT8": 2.0}
     assert factors["runtime"] * factors["architecture"] * factors["INT8"] == ms[A_TORCH] / ms[C_INT8]
+
+
+def _final_records(b_ms: float, c_ms: float, b_map: float, c_map: float) -> dict[str, dict]:
+    """A final benchmark's records as :func:`edgefm.report.summary` reads them: A in PyTorch at
+    28 ms and 0.35 mAP, A in ONNX Runtime at 24 ms, C twice B's size reduction."""
+    from edgefm.report import A_ORT, A_TORCH, B_ORT, C_INT8
+
+    c_camera = 28.0 / c_ms
+    return {A_TORCH: {"name": A_TORCH, "map": 0.35, "latency_camera_ms_2t": 28.0, "size_reduction": 1.0},
+            A_ORT: {"name": A_ORT, "map": 0.35, "latency_camera_ms_2t": 24.0, "size_reduction": 1.0},
+            B_ORT: {"name": B_ORT, "map": b_map, "latency_camera_ms_2t": b_ms, "size_reduction": 10.0},
+            C_INT8: {"name": C_INT8, "map": c_map, "latency_camera_ms_2t": c_ms, "size_reduction": 20.0,
+                     "map_drop": 0.35 - c_map, "camera_speedup_2t": c_camera,
+                     "camera_speedup_2t_range": [0.8 * c_camera, 1.1 * c_camera],
+                     "camera_speedup_vs_a_ort_2t": 24.0 / c_ms}}
+
+
+def test_a_shortfall_says_what_b_must_reach_for_c_to_meet_the_target():
+    from edgefm.report import A_TORCH, C_INT8, shortfall_phrase, shortfalls, targets_report
+
+    records = _final_records(b_ms=12.0, c_ms=6.0, b_map=0.31, c_map=0.305)
+    targets = targets_report(records[A_TORCH], records[C_INT8], map_drop_ci=[3.5, 5.5])
+    missed = {(e["target"], e["origin"]): e for e in shortfalls(records, targets)}
+    assert {t["origin"] for t in targets if t["met"]} and not any(  # met targets need nothing
+        (t["target"], t["origin"]) in missed for t in targets if t["met"])
+    speed = missed[("speed-up vs A at camera rate >= 8x", "ours")]
+    assert speed["now"] == pytest.approx(2.0)  # B against A, both in ONNX Runtime
+    # B that much faster, INT8 and the runtime as measured: C meets the target exactly
+    faster = speed["needed"] / speed["now"]
+    again = _final_records(b_ms=12.0 / faster, c_ms=6.0 / faster, b_map=0.31, c_map=0.305)
+    assert again[C_INT8]["camera_speedup_2t"] == pytest.approx(8.0)
+    assert speed["needed_shown"] == pytest.approx(speed["needed"] / 0.8)  # the low end clears it too
+    # 4.5 points lost, 0.5 of them by INT8: B may lose at most 0.5 points (for the interval, gain 0.5)
+    drop = missed[("mAP drop vs A <= 0.01", "ours")]
+    assert (drop["now"], drop["needed"], drop["needed_shown"]) == pytest.approx((4.0, 0.5, -0.5))
+    assert shortfall_phrase(drop) == (
+        "mAP drop vs A <= 0.01 (ours, not met): B's mAP against A would have to be at least -0.5 points "
+        "instead of -4.0 (+0.5 for the whole interval to clear it)")
+    relative = missed[("relative mAP drop vs A <= 0.05", "seed: within 5 %")]
+    assert relative["needed"] == pytest.approx(4.0 - (0.045 / 0.35 - 0.05) * 35)  # the excess in points
+    assert "3.4 times as fast as A" in shortfall_phrase(speed)
+
+
+def test_a_shortfall_met_by_the_value_but_not_by_its_interval_says_so():
+    from edgefm.report import A_TORCH, C_INT8, shortfall_phrase, shortfalls, targets_report
+
+    records = _final_records(b_ms=6.0, c_ms=3.0, b_map=0.35, c_map=0.35)  # 9.3x, range 7.5x to 10.3x
+    targets = targets_report(records[A_TORCH], records[C_INT8], map_drop_ci=[-0.5, 0.5])
+    (speed,) = [e for e in shortfalls(records, targets) if e["target"].startswith("speed-up vs A at camera")]
+    assert speed["verdict"] == "not shown" and speed["needed"] < speed["now"] < speed["needed_shown"]
+    assert "the measurement meets it; for its whole interval to clear it, B would" in shortfall_phrase(speed)
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_both_fastest_first():
+    from edgefm.report import pareto_front
+
+    records = [{"name": n, "map": m, "latency_camera_ms_2t": ms}
+               for n, m, ms in (("A", 0.35, 28.0), ("A INT8", 0.33, 30.0), ("B", 0.31, 4.0), ("C", 0.30, 4.1),
+                                ("peer", 0.22, 2.0), ("B fast", 0.31, 3.9))]
+    assert [r["name"] for r in pareto_front(records)] == ["peer", "B fast", "A"]

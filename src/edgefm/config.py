@@ -247,6 +247,8 @@ class StudentConfig:
 
 
 MODES = ("labels", "distill", "pool")
+MODE_WORDS = {"labels": "the labels alone", "distill": "the labels and A's outputs (online distillation)",
+              "pool": "the labels and A's pseudo-labels on the unlabelled pool"}  # what each mode learns from
 
 
 @dataclass(frozen=True)

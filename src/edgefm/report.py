@@ -46,6 +46,72 @@ def speedup_factors(records: dict[str, dict]) -> dict[str, float]:
             "INT8": ms[B_ORT] / ms[C_INT8]}
 
 
+def _levers(records: dict[str, dict]) -> dict[str, tuple[str, float]]:
+    """Per target metric of C, the figure of B it is built on (``speed``: B's speed-up over A, both
+    in ONNX Runtime FP32 at camera rate; ``size``: B's size reduction; ``loss``: B's mAP points lost
+    against A) and its measured value."""
+    a, b = records[A_TORCH], records[B_ORT]
+    speed, loss = ("speed", speedup_factors(records)["architecture"]), ("loss", 100 * (a["map"] - b["map"]))
+    return {"camera_speedup_2t": speed, "camera_speedup_vs_a_ort_2t": speed,
+            "size_reduction": ("size", b["size_reduction"]), "map_drop": loss, "map_drop_relative": loss}
+
+
+def shortfalls(records: dict[str, dict], targets: list[dict]) -> list[dict]:
+    """For each of C's targets not met (:func:`targets_report`), what B would have to reach for C to
+    meet it, the steps after B (the runtime, INT8) doing what they measured: C's speed-up and size
+    reduction are B's times those steps' factors, so B's must grow by the ratio C's falls short;
+    C's mAP drop is B's plus INT8's, so B's must shrink by the points C's is over. ``needed_shown``
+    is the same for the whole interval to clear the target, its spread kept."""
+    levers, a_map = _levers(records), records[A_TORCH]["map"]
+
+    def needed(t: dict, now: float, value: float) -> float:
+        if t["comparison"] == ">=":
+            return now * t["threshold"] / value
+        scale = 100 * (a_map if t["metric"] == "map_drop_relative" else 1)  # the excess, in points
+        return now - (value - t["threshold"]) * scale
+
+    entries = []
+    for t in targets:
+        if t["met"] or t["value"] is None or t["metric"] not in levers:
+            continue
+        lever, now = levers[t["metric"]]
+        worst = t["interval"][0 if t["comparison"] == ">=" else 1] if t["interval"] else None
+        entries.append({"target": t["target"], "origin": t["origin"], "verdict": t["verdict"],
+                        "value": t["value"], "lever": lever, "now": now, "needed": needed(t, now, t["value"]),
+                        "needed_shown": None if worst is None else needed(t, now, worst)})
+    return entries
+
+
+def shortfall_phrase(entry: dict) -> str:
+    """An entry of :func:`shortfalls` in words, e.g. "speed-up vs A at camera rate >= 8x (ours,
+    not shown): B would have to be 2.7 times as fast as A, both in ONNX Runtime FP32 at camera
+    rate, instead of 2.0 (3.9 for the whole interval to clear it)"."""
+    lever, now, needed, shown = entry["lever"], entry["now"], entry["needed"], entry["needed_shown"]
+    words = {"speed": "B would have to be {} times as fast as A, both in ONNX Runtime FP32 at camera rate,",
+             "size": "B would have to be {} times smaller than A",
+             "loss": "B's mAP against A would have to be at least {} points"}[lever]
+    number = (lambda v: f"{-v:+.1f}") if lever == "loss" else (lambda v: f"{v:.1f}")  # noqa: E731
+    reached = needed >= now if lever == "loss" else needed <= now  # the value meets it; its interval does not
+    head = f"{entry['target']} ({entry['origin']}, {entry['verdict']}): "
+    if reached and shown is not None:
+        return (head + "the measurement meets it; for its whole interval to clear it, "
+                + words.format(number(shown)) + f" instead of {number(now)}")
+    text = head + words.format(number(needed)) + f" instead of {number(now)}"
+    if shown is not None:
+        text += f" ({number(shown)} for the whole interval to clear it)"
+    return text
+
+
+def pareto_front(records: Iterable[dict], latency: str = "latency_camera_ms_2t") -> list[dict]:
+    """The variants no other is both faster than (by ``latency``) and more accurate than (eval
+    mAP), fastest first."""
+    front: list[dict] = []
+    for record in sorted(records, key=lambda r: (r[latency], -r["map"])):
+        if not front or record["map"] > front[-1]["map"]:
+            front.append(record)
+    return front
+
+
 def targets_by_model(checks: Iterable[Check]) -> dict[str, dict]:
     """Per model, the targets it met and those it did not (not met, or not shown by the interval),
     by description: a step of the book worked when it met every target set for it, whatever was
@@ -121,11 +187,14 @@ def summary(results: dict) -> dict:
     records = {r["name"]: r for r in results["variants"]}
     a, c = records[A_TORCH], records[C_INT8]
     return {"A": a, "C": c, "map_drop_ci": results["map_drop_ci"], "peer": results["peer"],
-            "latency_speedup_2t": c["latency_speedup_2t"],
-            "latency_speedup_1t": c["latency_speedup_1t"], "camera_speedup_2t": c["camera_speedup_2t"],
-            "camera_speedup_2t_range": c["camera_speedup_2t_range"],
+            "latency_speedup_2t": c["latency_speedup_2t"], "latency_speedup_1t": c["latency_speedup_1t"],
+            "latency_camera_speedup_2t": c["camera_speedup_2t"],
+            "latency_camera_speedup_2t_range": c["camera_speedup_2t_range"],
             "camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
             "size_reduction": c["size_reduction"],
             "map_drop": (a["map"] - c["map"]) * 100, "map_drop_unit": "mAP points (0.01 of mAP@[.5:.95])",
             "targets": results["targets"], "all_targets_met": all(t["met"] for t in results["targets"]),
+            "shortfalls": shortfalls(records, results["targets"]),
+            "pareto_front": [{k: r[k] for k in ("name", "map", "latency_camera_ms_2t")}
+                             for r in pareto_front(results["variants"])],
             "machine": results["machine"]}
