@@ -107,11 +107,29 @@ def test_a_shortfall_says_what_b_must_reach_for_c_to_meet_the_target():
     drop = missed[("mAP drop vs A <= 0.01", "ours")]
     assert (drop["now"], drop["needed"], drop["needed_shown"]) == pytest.approx((4.0, 0.5, -0.5))
     assert shortfall_phrase(drop) == (
-        "mAP drop vs A <= 0.01 (ours, not met): B's mAP against A would have to be at least -0.5 points "
-        "instead of -4.0 (+0.5 for the whole interval to clear it)")
+        "mAP drop vs A <= 0.01 (ours, not met): B could lose at most 0.50 points of mAP against A (it loses "
+        "4.00); for its whole interval to clear it, B would have to beat A by at least 0.50 points of mAP")
     relative = missed[("relative mAP drop vs A <= 0.05", "seed: within 5 %")]
     assert relative["needed"] == pytest.approx(4.0 - (0.045 / 0.35 - 0.05) * 35)  # the excess in points
-    assert "3.4 times as fast as A" in shortfall_phrase(speed)
+    assert relative["needed_shown"] == pytest.approx(4.0 - (0.055 / 0.35 - 0.05) * 35)
+    assert shortfall_phrase(speed).startswith(
+        "speed-up vs A at camera rate >= 8x (ours, not met): B would have to be 3.4 times as fast as A")
+    # against A in ONNX Runtime only INT8 follows B: 4x measured, so B needs 6/4 of its 2x
+    ort = missed[("speed-up vs A in ONNX Runtime FP32 at camera rate >= 6x", "ours")]
+    assert ort["needed"] == pytest.approx(3.0) and ort["unit"] == "x"
+
+
+def test_a_missed_size_target_asks_b_to_shrink_by_the_same_ratio():
+    from edgefm.report import A_TORCH, C_INT8, shortfall_phrase, shortfalls, targets_report
+
+    records = _final_records(b_ms=3.0, c_ms=1.5, b_map=0.35, c_map=0.35)
+    records[C_INT8]["size_reduction"] = 8.0  # B 10x, so INT8 shrank it 0.8x: B would need 15x
+    targets = targets_report(records[A_TORCH], records[C_INT8], map_drop_ci=[-0.5, 0.5])
+    (size,) = [e for e in shortfalls(records, targets) if e["target"] == "size reduction vs A >= 12x"]
+    assert size["needed"] == pytest.approx(15.0) and size["needed_shown"] is None
+    assert shortfall_phrase(size) == (
+        "size reduction vs A >= 12x (ours, not met): B would have to be 15.0 times smaller than A "
+        "(it is 10.0)")
 
 
 def test_a_shortfall_met_by_the_value_but_not_by_its_interval_says_so():
@@ -122,6 +140,14 @@ def test_a_shortfall_met_by_the_value_but_not_by_its_interval_says_so():
     (speed,) = [e for e in shortfalls(records, targets) if e["target"].startswith("speed-up vs A at camera")]
     assert speed["verdict"] == "not shown" and speed["needed"] < speed["now"] < speed["needed_shown"]
     assert "the measurement meets it; for its whole interval to clear it, B would" in shortfall_phrase(speed)
+    # 0.7 points lost, within the target, but the interval reaches 1.3: B would have to gain 0.05 on A
+    records = _final_records(b_ms=6.0, c_ms=3.0, b_map=0.3475, c_map=0.343)
+    targets = targets_report(records[A_TORCH], records[C_INT8], map_drop_ci=[0.1, 1.3])
+    (drop,) = [e for e in shortfalls(records, targets) if e["target"] == "mAP drop vs A <= 0.01"]
+    assert drop["verdict"] == "not shown" and drop["needed_shown"] == pytest.approx(-0.05)
+    assert shortfall_phrase(drop) == (
+        "mAP drop vs A <= 0.01 (ours, not shown): the measurement meets it; for its whole interval to clear "
+        "it, B would have to beat A by at least 0.05 points of mAP (it loses 0.25)")
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_on_both_fastest_first():

@@ -247,7 +247,7 @@ class StudentConfig:
 
 
 MODES = ("labels", "distill", "pool")
-MODE_WORDS = {"labels": "the labels alone", "distill": "the labels and A's outputs (online distillation)",
+MODE_WORDS = {"labels": "the labels alone", "distill": "the labels and A's outputs, distilled online",
               "pool": "the labels and A's pseudo-labels on the unlabelled pool"}  # what each mode learns from
 
 

@@ -31,6 +31,7 @@ def targets_report(a: dict, c: dict, map_drop_ci: list[float] | None = None) -> 
     values = {**c, "map_drop_relative": (a["map"] - c["map"]) / a["map"]}
     if map_drop_ci is not None:
         values["map_drop_range"] = [v / 100 for v in map_drop_ci]
+        values["map_drop_relative_range"] = [v / 100 / a["map"] for v in map_drop_ci]
     checks = [Check.of(t, values) for t in TARGETS if t.model == "C"]
     return [{"target": c.target.describe(), "origin": c.target.origin, "metric": c.target.metric,
              "comparison": c.target.comparison, "threshold": c.target.threshold, "value": c.value,
@@ -58,10 +59,11 @@ def _levers(records: dict[str, dict]) -> dict[str, tuple[str, float]]:
 
 def shortfalls(records: dict[str, dict], targets: list[dict]) -> list[dict]:
     """For each of C's targets not met (:func:`targets_report`), what B would have to reach for C to
-    meet it, the steps after B (the runtime, INT8) doing what they measured: C's speed-up and size
+    meet it, the other steps (the runtime, INT8) doing what they measured: C's speed-up and size
     reduction are B's times those steps' factors, so B's must grow by the ratio C's falls short;
     C's mAP drop is B's plus INT8's, so B's must shrink by the points C's is over. ``needed_shown``
-    is the same for the whole interval to clear the target, its spread kept."""
+    is the same for the whole interval to clear the target, its spread kept. ``now`` and the
+    needs are in ``unit``: times for speed and size, mAP points lost against A for ``loss``."""
     levers, a_map = _levers(records), records[A_TORCH]["map"]
 
     def needed(t: dict, now: float, value: float) -> float:
@@ -77,34 +79,43 @@ def shortfalls(records: dict[str, dict], targets: list[dict]) -> list[dict]:
         lever, now = levers[t["metric"]]
         worst = t["interval"][0 if t["comparison"] == ">=" else 1] if t["interval"] else None
         entries.append({"target": t["target"], "origin": t["origin"], "verdict": t["verdict"],
-                        "value": t["value"], "lever": lever, "now": now, "needed": needed(t, now, t["value"]),
+                        "value": t["value"], "lever": lever, "unit": "points" if lever == "loss" else "x",
+                        "now": now, "needed": needed(t, now, t["value"]),
                         "needed_shown": None if worst is None else needed(t, now, worst)})
     return entries
 
 
 def shortfall_phrase(entry: dict) -> str:
-    """An entry of :func:`shortfalls` in words, e.g. "speed-up vs A at camera rate >= 8x (ours,
-    not shown): B would have to be 2.7 times as fast as A, both in ONNX Runtime FP32 at camera
-    rate, instead of 2.0 (3.9 for the whole interval to clear it)"."""
+    """An entry of :func:`shortfalls` in words, e.g. "mAP drop vs A <= 0.01 (ours, not met): B
+    could lose at most 0.50 points of mAP against A (it loses 4.00); for its whole interval to
+    clear it, B would have to beat A by at least 0.50 points of mAP"."""
     lever, now, needed, shown = entry["lever"], entry["now"], entry["needed"], entry["needed_shown"]
-    words = {"speed": "B would have to be {} times as fast as A, both in ONNX Runtime FP32 at camera rate,",
-             "size": "B would have to be {} times smaller than A",
-             "loss": "B's mAP against A would have to be at least {} points"}[lever]
-    number = (lambda v: f"{-v:+.1f}") if lever == "loss" else (lambda v: f"{v:.1f}")  # noqa: E731
-    reached = needed >= now if lever == "loss" else needed <= now  # the value meets it; its interval does not
+
+    def what(v: float) -> str:
+        if lever == "speed":
+            return f"B would have to be {v:.1f} times as fast as A, both in ONNX Runtime FP32 at camera rate"
+        if lever == "size":
+            return f"B would have to be {v:.1f} times smaller than A"
+        return (f"B could lose at most {v:.2f} points of mAP against A" if v >= 0.005
+                else f"B would have to beat A by at least {max(-v, 0.0):.2f} points of mAP")
+
+    if lever == "loss":
+        actual = f"it loses {now:.2f}" if now >= 0.005 else f"it gains {max(-now, 0.0):.2f}"
+    else:
+        actual = f"it is {now:.1f}"
     head = f"{entry['target']} ({entry['origin']}, {entry['verdict']}): "
+    reached = needed >= now if lever == "loss" else needed <= now  # the value meets it; its interval does not
     if reached and shown is not None:
-        return (head + "the measurement meets it; for its whole interval to clear it, "
-                + words.format(number(shown)) + f" instead of {number(now)}")
-    text = head + words.format(number(needed)) + f" instead of {number(now)}"
+        return f"{head}the measurement meets it; for its whole interval to clear it, {what(shown)} ({actual})"
+    text = head + f"{what(needed)} ({actual})"
     if shown is not None:
-        text += f" ({number(shown)} for the whole interval to clear it)"
+        text += f"; for its whole interval to clear it, {what(shown)}"
     return text
 
 
 def pareto_front(records: Iterable[dict], latency: str = "latency_camera_ms_2t") -> list[dict]:
-    """The variants no other is both faster than (by ``latency``) and more accurate than (eval
-    mAP), fastest first."""
+    """The variants no other beats, that is, is at least as fast (by ``latency``) and as accurate
+    (eval mAP) and better on one; fastest first."""
     front: list[dict] = []
     for record in sorted(records, key=lambda r: (r[latency], -r["map"])):
         if not front or record["map"] > front[-1]["map"]:
@@ -190,7 +201,7 @@ def summary(results: dict) -> dict:
             "latency_speedup_2t": c["latency_speedup_2t"], "latency_speedup_1t": c["latency_speedup_1t"],
             "latency_camera_speedup_2t": c["camera_speedup_2t"],
             "latency_camera_speedup_2t_range": c["camera_speedup_2t_range"],
-            "camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
+            "latency_camera_speedup_vs_a_ort_2t": c["camera_speedup_vs_a_ort_2t"],
             "size_reduction": c["size_reduction"],
             "map_drop": (a["map"] - c["map"]) * 100, "map_drop_unit": "mAP points (0.01 of mAP@[.5:.95])",
             "targets": results["targets"], "all_targets_met": all(t["met"] for t in results["targets"]),
