@@ -114,6 +114,7 @@ def test_a_shortfall_says_what_b_must_reach_for_c_to_meet_the_target():
     assert relative["needed_shown"] == pytest.approx(4.0 - (0.055 / 0.35 - 0.05) * 35)
     assert shortfall_phrase(speed).startswith(
         "speed-up vs A at camera rate >= 8x (ours, not met): B would have to be 3.4 times as fast as A")
+    assert shortfall_phrase(speed).endswith("(it is 2.0); for its whole interval to clear it, 4.3 times")
     # against A in ONNX Runtime only INT8 follows B: 4x measured, so B needs 6/4 of its 2x
     ort = missed[("speed-up vs A in ONNX Runtime FP32 at camera rate >= 6x", "ours")]
     assert ort["needed"] == pytest.approx(3.0) and ort["unit"] == "x"

@@ -91,13 +91,14 @@ def shortfall_phrase(entry: dict) -> str:
     clear it, B would have to beat A by at least 0.50 points of mAP"."""
     lever, now, needed, shown = entry["lever"], entry["now"], entry["needed"], entry["needed_shown"]
 
-    def what(v: float) -> str:
-        if lever == "speed":
-            return f"B would have to be {v:.1f} times as fast as A, both in ONNX Runtime FP32 at camera rate"
-        if lever == "size":
-            return f"B would have to be {v:.1f} times smaller than A"
-        return (f"B could lose at most {v:.2f} points of mAP against A" if v >= 0.005
-                else f"B would have to beat A by at least {max(-v, 0.0):.2f} points of mAP")
+    def what(v: float, short: bool = False) -> str:
+        if lever == "loss":
+            return (f"B could lose at most {v:.2f} points of mAP against A" if v >= 0.005
+                    else f"B would have to beat A by at least {max(-v, 0.0):.2f} points of mAP")
+        if short:
+            return f"{v:.1f} times"
+        return (f"B would have to be {v:.1f} times as fast as A, both in ONNX Runtime FP32 at camera rate"
+                if lever == "speed" else f"B would have to be {v:.1f} times smaller than A")
 
     if lever == "loss":
         actual = f"it loses {now:.2f}" if now >= 0.005 else f"it gains {max(-now, 0.0):.2f}"
@@ -109,7 +110,7 @@ def shortfall_phrase(entry: dict) -> str:
         return f"{head}the measurement meets it; for its whole interval to clear it, {what(shown)} ({actual})"
     text = head + f"{what(needed)} ({actual})"
     if shown is not None:
-        text += f"; for its whole interval to clear it, {what(shown)}"
+        text += f"; for its whole interval to clear it, {what(shown, short=True)}"
     return text
 
 
