@@ -97,6 +97,19 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert all([r["seed"] for r in s["seeds"]] == list(settings.seeds) for s in results["students"])
     assert set(results["student_verdicts"]) == {f"{d} vs {t}" for d, t in results["distillation_pairs"]}
     assert all(v["seeds"] == len(settings.seeds) for v in results["student_verdicts"].values())
+    # the two questions in one place: every control with its seeds, every distilled student vs its twin
+    short, final = results["controls"]
+    assert short["seeds"] == results["arms"][smaller.CONTROL] and len(short["seeds"]) == len(settings.seeds)
+    assert set(short["students"]) == {*MODES, "labels, equal compute", "A pruned 0.5"}
+    assert short["students"]["distill"] == verdicts["distill vs control"]
+    assert final["seeds"][0]["val_map"] == results["final_control"]["val_map"]
+    assert final["students"]["B"]["gap"] == pytest.approx(
+        results["b_training"]["val_map"] - results["final_control"]["val_map"])
+    distillation = {d["student"]: d for d in results["distillation"]}
+    assert set(distillation) == ({f"{settings.arm.name}, {m}" for m in MODES if m != "labels"}
+                                 | {d for d, _ in results["distillation_pairs"]})
+    assert all(len(d["seeds"]) == len(settings.seeds) for d in distillation.values())
+    assert distillation[f"{settings.arm.name}, pool"]["paired_gap"] == verdicts["pool vs labels"]
     assert results["b_mode"] in MODES  # the search chose how B learns
     assert all("mode" in t for t in results["trials"])
     for record in records:

@@ -27,7 +27,8 @@ computed twice. A new :class:`~edgefm.config.BenchConfig` still starts a new sea
 covers the timing, :func:`study_name`): its trials train the candidates no earlier run trained,
 and new timings may choose another B. One
 :func:`~edgefm.tools.bench.benchmark` run measures A and all of them on the eval scenes;
-``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B.
+``metrics/smaller.json`` holds the records, the curves, the trials and the chosen B, and
+gathers the ``controls`` and the ``distillation`` comparisons, each with its seeds.
 """
 
 from __future__ import annotations
@@ -435,6 +436,36 @@ def _students(found: Candidates, models: dict) -> dict:
             "student_verdicts": {f"{d} vs {t}": paired_gap(val[d], val[t]) for d, t in pairs}}
 
 
+def _controls_and_distillation(results: dict, profile: Profile) -> dict:
+    """The study's two questions in one place, each answer with its seeds: ``controls`` (A
+    continued as long as the students that start from its weights, and how each student's arm
+    compares with it) and ``distillation`` (every distilled student against its labels-only twin,
+    seed by seed). A view of the records above: nothing is trained or scored again."""
+    settings = profile.smaller
+    arms, verdicts = results["arms"], results["arm_verdicts"]
+    final = results["final_control"]
+    control_val = {r["seed"]: r["val_map"] for r in arms[CONTROL]}
+    pruned_gaps = {p["name"]: paired_gap([p["val_map_after"]], [control_val[p["seed"]]])
+                   for p in results["pruning"]}
+    controls = [{"name": f"A continued, {settings.compare.steps} steps", "steps": settings.compare.steps,
+                 "seeds": arms[CONTROL],
+                 "students": {arm: verdicts[f"{arm} vs {CONTROL}"] for arm in arms if arm != CONTROL}
+                 | pruned_gaps},
+                {"name": f"A continued, {settings.final.steps} steps", "steps": settings.final.steps,
+                 "seeds": [{"seed": continued().seed, "steps": final["steps"], "val_map": final["val_map"],
+                            "train_seconds": final["train_seconds"]}],
+                 "students": {B_STUDY: paired_gap([results["b_training"]["val_map"]], [final["val_map"]])}}]
+    distillation = [{"student": f"{settings.arm.name}, {mode}", "mode": mode,
+                     "against": f"{settings.arm.name}, labels", "seeds": arms[mode],
+                     "paired_gap": verdicts[f"{mode} vs labels"]}
+                    for mode in results["modes"] if mode != "labels"]
+    students = {s["name"]: s for s in results["students"]}
+    distillation += [{"student": d, "mode": student_config(students[d]["config"]).mode, "against": t,
+                      "seeds": students[d]["seeds"], "paired_gap": results["student_verdicts"][f"{d} vs {t}"]}
+                     for d, t in results["distillation_pairs"]]
+    return {"controls": controls, "distillation": distillation}
+
+
 def _build(work: Path, profile: Profile, progress: bool) -> dict:
     settings = profile.smaller
     found = Candidates(profile, progress, check_shipped=True)
@@ -448,7 +479,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
         after, state = found.trained(spec, settings.compare)
         key = found.key(spec, settings.compare)
         models[spec.name] = after, key
-        curve.append({"ratio": ratio, "name": spec.name,
+        curve.append({"ratio": ratio, "name": spec.name, "seed": spec.seed,
                       "val_map_before": found.val_map(found.build(spec), f"{key}, before training"),
                       "val_map_after": found.val_map(after, key), "train_seconds": state.seconds})
     results["pruning"] = curve
@@ -485,6 +516,7 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
+    results.update(_controls_and_distillation(results, profile))
 
     variants = [model_a] + [module_variant(m, size, name) for name, (m, _) in models.items()]
     keys = {model_a.name: found.model_a} | {name: key for name, (_, key) in models.items()}
