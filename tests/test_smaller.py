@@ -105,6 +105,17 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert final["seeds"][0]["val_map"] == results["final_control"]["val_map"]
     assert final["students"]["B"]["gap"] == pytest.approx(
         results["b_training"]["val_map"] - results["final_control"]["val_map"])
+    # the final control has one seed: its gaps are judged by a paired interval over the eval images
+    bench = {r["name"]: r for r in records}
+    pairs = {"control vs A": (final["name"], "A (PyTorch FP32)"), "B vs control": ("B", final["name"])}
+    assert final["eval_gaps"] == results["final_control"]["eval_gaps"]
+    assert set(final["eval_gaps"]) == set(pairs)
+    for label, (first, second) in pairs.items():
+        gap = final["eval_gaps"][label]
+        assert gap["gap"] == pytest.approx(bench[first]["map"] - bench[second]["map"])
+        low, high = gap["gap_ci"]
+        assert low <= high and gap["verdict"] == ("higher" if low > 0 else "lower" if high < 0
+                                                  else "no difference shown")
     distillation = {d["student"]: d for d in results["distillation"]}
     assert set(distillation) == ({f"{settings.arm.name}, {m}" for m in MODES if m != "labels"}
                                  | {d for d, _ in results["distillation_pairs"]})

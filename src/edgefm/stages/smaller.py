@@ -66,7 +66,7 @@ from edgefm.stages.feasibility import converged, seed_spread
 from edgefm.stages.finetune import ensure_finetuned, load_detector, weights_root
 from edgefm.tools.bench import benchmark, camera_latencies, module_variant
 from edgefm.tools.distill import train_student
-from edgefm.tools.evaluate import evaluate_split, torch_runner
+from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_verdict, torch_runner
 from edgefm.tools.pseudo import label_pool
 from edgefm.tools.search import choose, from_params, run_search, trial_records
 from edgefm.tools.students import build_student
@@ -213,6 +213,14 @@ class Candidates:
         scenes = getattr(self.dataset, split)
         return self._kept({"model": key, "split": split},
                           lambda: evaluate_split(torch_runner(model), scenes, self.detector, model.stride))
+
+    def eval_with_samples(self, model: Detector, key: str) -> dict:
+        """``model``'s eval metrics with :data:`~edgefm.tools.evaluate.BOOTSTRAP` resamplings of the
+        eval images (their mAPs in ``map_samples``, the input of a paired gap), kept like
+        :meth:`scores`."""
+        return self._kept({"model": key, "split": "eval", "bootstrap": BOOTSTRAP},
+                          lambda: evaluate_split(torch_runner(model), self.dataset.eval, self.detector,
+                                                 model.stride, bootstrap=BOOTSTRAP, samples=True))
 
     def _val_curve_point(self, model: Detector) -> dict:
         """A point of a run's val curve (the same figure :meth:`val_map` keeps for its end)."""
@@ -436,6 +444,21 @@ def _students(found: Candidates, models: dict) -> dict:
             "student_verdicts": {f"{d} vs {t}": paired_gap(val[d], val[t]) for d, t in pairs}}
 
 
+def _final_gaps(found: Candidates, models: dict, control: str) -> dict:
+    """B against its control and the control against A on the eval scenes, each with the 95 %
+    paired bootstrap interval over the eval images: the control has one seed, so the images are
+    the only spread these gaps can be judged by."""
+    runs = {"A": (found.teacher, found.model_a), "control": models[control], "B": models[B_STUDY]}
+    scores = {name: found.eval_with_samples(model, key) for name, (model, key) in runs.items()}
+
+    def gap(first: str, second: str) -> dict:
+        interval = gap_interval(scores[first]["map_samples"], scores[second]["map_samples"])
+        return {"gap": scores[first]["map"] - scores[second]["map"], "gap_ci": interval,
+                "verdict": interval_verdict(interval, "higher", "lower")}
+
+    return {"control vs A": gap("control", "A"), "B vs control": gap("B", "control")}
+
+
 def _controls_and_distillation(results: dict, profile: Profile) -> dict:
     """The study's two questions in one place, each answer with its seeds: ``controls`` (A
     continued as long as the students that start from its weights, and how each student's arm
@@ -454,7 +477,8 @@ def _controls_and_distillation(results: dict, profile: Profile) -> dict:
                 {"name": f"A continued, {settings.final.steps} steps", "steps": settings.final.steps,
                  "seeds": [{"seed": continued().seed, "steps": final["steps"], "val_map": final["val_map"],
                             "train_seconds": final["train_seconds"]}],
-                 "students": {B_STUDY: paired_gap([results["b_training"]["val_map"]], [final["val_map"]])}}]
+                 "students": {B_STUDY: paired_gap([results["b_training"]["val_map"]], [final["val_map"]])},
+                 "eval_gaps": final["eval_gaps"]}]
     distillation = [{"student": f"{settings.arm.name}, {mode}", "mode": mode,
                      "against": f"{settings.arm.name}, labels", "seeds": arms[mode],
                      "paired_gap": verdicts[f"{mode} vs labels"]}
@@ -507,12 +531,14 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     b_training = _b_seeds(found, b_spec, models)
     control_budget = control_training(profile)
     control, control_state = found.trained(continued(), control_budget)
-    models[f"A continued, {settings.final.steps} steps"] = control, found.key(continued(), control_budget)
+    control_name = f"A continued, {settings.final.steps} steps"
+    models[control_name] = control, found.key(continued(), control_budget)
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
                    shipped=found.shipped, retrace=found.retraces,
                    ship_command=SHIP_COMMAND.format(profile=profile.name), b_training=b_training,
                    final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,
-                                  "val_map": found.val_map(control, found.key(continued(), control_budget))},
+                                  "val_map": found.val_map(control, found.key(continued(), control_budget)),
+                                  "eval_gaps": _final_gaps(found, models, control_name)},
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
