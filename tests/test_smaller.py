@@ -100,6 +100,7 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     # the two questions in one place: every control with its seeds, every distilled student vs its twin
     short, final = results["controls"]
     assert short["seeds"] == results["arms"][smaller.CONTROL] and len(short["seeds"]) == len(settings.seeds)
+    assert short["name"] in names and final["name"] in names  # each a benchmarked model
     assert set(short["students"]) == {*MODES, "labels, equal compute", "A pruned 0.5"}
     assert short["students"]["distill"] == verdicts["distill vs control"]
     assert final["seeds"][0]["val_map"] == results["final_control"]["val_map"]

@@ -461,20 +461,21 @@ def _final_gaps(found: Candidates, models: dict, control: str) -> dict:
 
 def _controls_and_distillation(results: dict, profile: Profile) -> dict:
     """The study's two questions in one place, each answer with its seeds: ``controls`` (A
-    continued as long as the students that start from its weights, and how each student's arm
-    compares with it) and ``distillation`` (every distilled student against its labels-only twin,
+    continued as long as the students that start from its weights; under ``students``, each such
+    student against it, seed by seed, the labels-only arm at ``compare_compute`` included though
+    it trained longer) and ``distillation`` (every distilled student against its labels-only twin,
     seed by seed). A view of the records above: nothing is trained or scored again."""
     settings = profile.smaller
     arms, verdicts = results["arms"], results["arm_verdicts"]
     final = results["final_control"]
     control_val = {r["seed"]: r["val_map"] for r in arms[CONTROL]}
     pruned_gaps = {p["name"]: paired_gap([p["val_map_after"]], [control_val[p["seed"]]])
-                   for p in results["pruning"]}
-    controls = [{"name": f"A continued, {settings.compare.steps} steps", "steps": settings.compare.steps,
-                 "seeds": arms[CONTROL],
+                   for p in results["pruning"] if p["seed"] in control_val}
+    controls = [{"name": continued().name, "steps": settings.compare.steps, "seeds": arms[CONTROL],
+                 "against_a": verdicts[f"{CONTROL} vs A"],
                  "students": {arm: verdicts[f"{arm} vs {CONTROL}"] for arm in arms if arm != CONTROL}
                  | pruned_gaps},
-                {"name": f"A continued, {settings.final.steps} steps", "steps": settings.final.steps,
+                {"name": f"{continued().name}, {settings.final.steps} steps", "steps": settings.final.steps,
                  "seeds": [{"seed": continued().seed, "steps": final["steps"], "val_map": final["val_map"],
                             "train_seconds": final["train_seconds"]}],
                  "students": {B_STUDY: paired_gap([results["b_training"]["val_map"]], [final["val_map"]])},
