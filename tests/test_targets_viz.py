@@ -89,7 +89,7 @@ def _final_records(b_ms: float, c_ms: float, b_map: float, c_map: float) -> dict
 
 
 def test_a_shortfall_says_what_b_must_reach_for_c_to_meet_the_target():
-    from edgefm.report import A_TORCH, C_INT8, shortfall_phrase, shortfalls, targets_report
+    from edgefm.report import A_TORCH, C_INT8, interval_text, shortfall_phrase, shortfalls, targets_report
 
     records = _final_records(b_ms=12.0, c_ms=6.0, b_map=0.31, c_map=0.305)
     targets = targets_report(records[A_TORCH], records[C_INT8], map_drop_ci=[3.5, 5.5])
@@ -115,6 +115,8 @@ def test_a_shortfall_says_what_b_must_reach_for_c_to_meet_the_target():
     assert shortfall_phrase(speed).startswith(
         "speed-up vs A at camera rate >= 8x (ours, not met): B would have to be 3.4 times as fast as A")
     assert shortfall_phrase(speed).endswith("(it is 2.0); for its whole interval to clear it, 4.3 times")
+    assert interval_text([0.032, 0.0546], 100) == "+3.2 to +5.5"
+    assert interval_text([-1.0, 0.04]) == "-1.0 to +0.0"
     # against A in ONNX Runtime only INT8 follows B: 4x measured, so B needs 6/4 of its 2x
     ort = missed[("speed-up vs A in ONNX Runtime FP32 at camera rate >= 6x", "ours")]
     assert ort["needed"] == pytest.approx(3.0) and ort["unit"] == "x"

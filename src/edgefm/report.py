@@ -114,6 +114,13 @@ def shortfall_phrase(entry: dict) -> str:
     return text
 
 
+def interval_text(interval: Iterable[float], scale: float = 1.0) -> str:
+    """A 95 % interval as the book prints it, signed to one decimal, e.g. "+3.2 to +5.5";
+    ``scale`` 100 turns a gap in mAP into points."""
+    low, high = (scale * v for v in interval)
+    return f"{low:+.1f} to {high:+.1f}"
+
+
 def pareto_front(records: Iterable[dict], latency: str = "latency_camera_ms_2t") -> list[dict]:
     """The variants no other beats, that is, is at least as fast (by ``latency``) and as accurate
     (eval mAP) and better on one; fastest first."""
