@@ -15,6 +15,15 @@ def test_help_lists_subcommands(capsys):
         assert command in out
 
 
+def test_python_dash_m_edgefm_is_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgefm", "--profile", "huge", "data"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("edgefm: error: unknown profile 'huge'")
+
+
 def test_data_builds_the_smoke_dataset(fashion_dir, isolated_artifacts, capsys):
     assert main(["--profile", "smoke", "data"]) == 0
     out = capsys.readouterr().out

@@ -73,6 +73,7 @@ def test_feasibility_writes_every_required_figure(fashion_dir, tmp_path, monkeyp
     from edgefm.artifacts import read_metrics
     from edgefm.stages import feasibility
     from edgefm.stages.feasibility import ensure_feasibility, feasibility_key
+    from edgefm.tools.bench import machine
 
     results = ensure_feasibility("smoke", progress=False)
     metrics = read_metrics("smoke", "feasibility")
@@ -82,6 +83,7 @@ def test_feasibility_writes_every_required_figure(fashion_dir, tmp_path, monkeyp
         low, high = figures["map_ci"]
         assert low <= figures["map"] <= high and figures["steps"] == 6 and figures["shipped"] is False
         assert [p[0] for p in figures["val_curve"]] == [3, 6]
+        assert figures["machine"] == machine()  # a run's time says what it was measured on
     assert [(p["fraction"], p["init"]) for p in metrics["label_efficiency"]] == [
         (0.3, "mae"), (0.3, "random"), (1.0, "mae"), (1.0, "random")]
     assert metrics["label_efficiency"][2]["map"] == metrics["a"]["map"]

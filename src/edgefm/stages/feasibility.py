@@ -42,6 +42,7 @@ from edgefm.stages.finetune import (
     weights_root,
 )
 from edgefm.stages.pretrain import fingerprint
+from edgefm.tools.bench import machine
 from edgefm.tools.evaluate import BOOTSTRAP, evaluate_split, gap_interval, interval_gap, torch_runner
 from edgefm.tools.training import resolve_device
 
@@ -115,7 +116,8 @@ def _smoothed(values: list[float], window: int = 50) -> list[list[float]]:
 def run_record(profile: Profile, trained: Finetuned, bootstrap: int = BOOTSTRAP,
                device: str = "auto") -> dict:
     """What the study keeps of a run: the config it was made with (its key), its validation
-    curve and smoothed loss, its time, and its eval metrics with their interval."""
+    curve and smoothed loss, its time and the machine it was recorded on (the one that trained
+    it, unless a resumed run moved), and its eval metrics with their interval."""
     key, _ = finetune_key(profile, trained.config, progress=False)
     metrics = evaluate_finetuned(trained, ensure_dataset(profile).eval, bootstrap, device)
     state = trained.state
@@ -125,7 +127,7 @@ def run_record(profile: Profile, trained: Finetuned, bootstrap: int = BOOTSTRAP,
         "steps": state.step, "batch_size": trained.config.batch_size,
         "val_curve": [[e["step"], e["map"]] for e in state.evals],
         "loss_curve": _smoothed(state.losses), "seconds": round(state.seconds, 1),
-        "eval": {k: metrics[k] for k in EVAL_KEYS},
+        "machine": machine(), "eval": {k: metrics[k] for k in EVAL_KEYS},
     }
 
 
@@ -210,6 +212,7 @@ def _summary(record: dict, *extra: str) -> dict:
     return {"name": record["name"], "init": record["init"], "fraction": record["fraction"],
             "steps": record["steps"], "shipped": record["shipped"], "val_curve": record["val_curve"],
             "loss_curve": record["loss_curve"], "seconds": record["seconds"],
+            "machine": record.get("machine"),  # None in records made before it was kept
             **{k: record["eval"][k] for k in ("map", "map_ci", "map50", *extra)}}
 
 
