@@ -90,6 +90,12 @@ def test_feasibility_writes_every_required_figure(fashion_dir, tmp_path, monkeyp
     assert [p["steps"] for p in metrics["label_efficiency"]] == [2, 2, 6, 6]  # the same epochs
     assert len(metrics["seeds"]) == 3 and metrics["seed_spread"] is not None
     assert metrics["converged"] in (True, False) and metrics["missing"] == []
+    check = metrics["layer_decay"]  # A's layer decay checked on the shortest schedule, without it
+    assert check["with"]["name"] == "a-0.5x" and check["without"]["name"] == "a-0.5x-no-layer-decay"
+    assert check["without"]["steps"] == check["with"]["steps"] == 3 and check["layer_decay"] == 0.75
+    final_val = {run: check[run]["val_curve"][-1][1] for run in ("with", "without")}
+    assert check["val_gap"] == pytest.approx(final_val["without"] - final_val["with"])
+    assert check["eval_gap"]["gap"] == pytest.approx(check["without"]["map"] - check["with"]["map"])
     assert [len(r["val_curve"]) for r in metrics["retrace"]["seeds"]] == [1, 1, 1]
     assert {g["fraction"] for g in metrics["mae_vs_random"]} == {0.3, 1.0}
     paired = metrics["mae_vs_random_paired"]  # A and its twin on the same resamplings

@@ -19,9 +19,10 @@ def test_the_plan_lists_every_stage_and_counts_what_each_trains():
     profile = load_profile("smoke")
     planned = {s.name: s for s in stages(profile)}
     assert list(planned) == STAGES
-    # smoke, by hand: A, its twin and two spread seeds at 6 steps of 8; A at half its schedule (3);
-    # both inits on 30 % of the labels (2 steps each); then 4 live re-traces of 3 steps
-    assert planned["feasibility"].train_images == 8 * (6 + 6 + 2 * 6 + 3 + 2 * 2) + 4 * 3 * 8
+    # smoke, by hand: A, its twin and two spread seeds at 6 steps of 8; A at half its schedule (3),
+    # with and without layer decay; both inits on 30 % of the labels (2 steps each); then 4 live
+    # re-traces of 3 steps
+    assert planned["feasibility"].train_images == 8 * (6 + 6 + 2 * 6 + 2 * 3 + 2 * 2) + 4 * 3 * 8
     assert planned["quantization"].train_images == 2 * 4 * 8  # QAT and its FP32 control
     # the peer (6 steps of 4) and its schedule doubled, each with the re-trace of its start if shipped
     assert planned["peer"].train_images == (6 + 6 + 12 + 12) * 4

@@ -71,6 +71,9 @@ def fraction_overrides(cfg: FinetuneConfig, fraction: float) -> tuple[tuple[str,
             ("eval_every", max(1, min(cfg.eval_every, steps // 6))))
 
 
+NO_LAYER_DECAY = "no-layer-decay"  # the suffix of the run that checks A's layer-wise LR decay
+
+
 def study_runs(profile: Profile) -> list[Run]:
     """Every run of the study, A first."""
     cfg = profile.finetune
@@ -78,6 +81,10 @@ def study_runs(profile: Profile) -> list[Run]:
     runs += [Run(f"a-seed{seed}", "mae", overrides=(("seed", seed),)) for seed in profile.spread_seeds]
     runs += [Run(f"a-{factor:g}x", "mae", overrides=(("steps", max(1, round(cfg.steps * factor))),))
              for factor in profile.schedule_factors]
+    if profile.schedule_factors:  # the recipe's layer decay checked on its shortest schedule
+        shortest = next(r for r in runs if r.name == f"a-{min(profile.schedule_factors):g}x")
+        runs.append(Run(f"{shortest.name}-{NO_LAYER_DECAY}", "mae",
+                        overrides=(*shortest.overrides, ("layer_decay", 1.0))))
     runs += [Run(f"{init}-{fraction:g}", init, fraction, fraction_overrides(cfg, fraction))
              for fraction in sorted(profile.label_fractions) if fraction < 1 for init in ("mae", "random")]
     return runs
@@ -290,11 +297,27 @@ def _build(profile: Profile, progress: bool) -> dict:
                     for name, r in found.items() if r is None],
     }
     metrics["converged"] = metrics["convergence"]["converged"]
+    metrics["layer_decay"] = layer_decay_check(records, profile.finetune.layer_decay)
     metrics["mae_vs_random"] = mae_vs_random(metrics["label_efficiency"])
     metrics["mae_vs_random_paired"] = (paired_gap(samples["a"], samples["random"], a["eval"]["map"]
                                                   - records["random"]["eval"]["map"])
                                        if "random" in samples else None)
     return metrics
+
+
+def layer_decay_check(records: dict[str, dict], decay: float) -> dict | None:
+    """A's recipe (layer decay ``decay``) against the same schedule without layer decay, on the
+    shortest schedule: does the lower learning rate of the early blocks, which protects what MAE
+    pretraining learned, cost accuracy? One seed each, so the val gap is read against the seed
+    spread and the eval gap against the intervals. None until both runs are there."""
+    without = next((name for name in records if name.endswith(NO_LAYER_DECAY)), None)
+    with_decay = without and without.removesuffix(f"-{NO_LAYER_DECAY}")
+    if without is None or with_decay not in records:
+        return None
+    first, second = records[without], records[with_decay]
+    return {"layer_decay": decay, "steps": first["steps"], "with": _summary(second),
+            "without": _summary(first), "val_gap": _final_val(first) - _final_val(second),
+            "eval_gap": interval_gap(first["eval"], second["eval"])}
 
 
 def mae_vs_random(curve: list[dict]) -> list[dict]:
