@@ -94,3 +94,10 @@ def test_the_peer_check_schedule_is_longer_than_the_peer_or_off():
     for factor in (0.5, 1, -2):
         with pytest.raises(ValueError, match="peer_longer_factor"):
             replace(profile, peer_longer_factor=factor)
+
+
+def test_b_control_seeds_are_some_of_b_seeds():
+    smaller = load_profile("smoke").smaller
+    for seeds in ((), (0, 7)):
+        with pytest.raises(ValueError, match=r"control_seeds .*each one of final_seeds \(0, 1\)"):
+            replace(smaller, control_seeds=seeds)

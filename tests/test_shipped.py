@@ -76,7 +76,8 @@ def test_the_shipped_students_are_the_candidates_the_study_asks_for(default, mod
         assert shipped_student(default, spec, training, model_a) == path, (
             f"{path}: the build no longer asks for it; ship again with "
             f"{smaller.SHIP_COMMAND.format(profile=default.name)}")
-    asked = [(smaller.continued(), smaller.control_training(default)),
+    control = smaller.control_training(default)
+    asked = [*((smaller.continued(seed), control) for seed in settings.control_seeds),
              *((s, settings.long) for s in settings.long_students)]
     for spec, training in asked:
         folder = shipped_student(default, spec, training, model_a)

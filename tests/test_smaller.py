@@ -103,10 +103,16 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert short["name"] in names and final["name"] in names  # each a benchmarked model
     assert set(short["students"]) == {*MODES, "labels, equal compute", "A pruned 0.5"}
     assert short["students"]["distill"] == verdicts["distill vs control"]
+    assert final["seeds"] == results["final_control"]["seeds"]
+    assert [c["seed"] for c in final["seeds"]] == list(settings.control_seeds)
     assert final["seeds"][0]["val_map"] == results["final_control"]["val_map"]
-    assert final["students"]["B"]["gap"] == pytest.approx(
-        results["b_training"]["val_map"] - results["final_control"]["val_map"])
-    # the final control has one seed: its gaps are judged by a paired interval over the eval images
+    # B against its control seed by seed: each B run paired with the control of its seed
+    b_runs = {r["seed"]: r for r in b_runs}
+    for split, gaps in (("val", final["students"]["B"]), ("eval", final["eval_students"]["B"])):
+        assert gaps == results["final_control"]["b_vs_control"][split]
+        assert gaps["seeds"] == len(settings.control_seeds) and gaps["gap"] == pytest.approx(np.mean(
+            [b_runs[c["seed"]][f"{split}_map"] - c[f"{split}_map"] for c in final["seeds"]]))
+    # the first seeds of B and its control are also judged by a paired interval over the eval images
     bench = {r["name"]: r for r in records}
     pairs = {"control vs A": (final["name"], "A (PyTorch FP32)"), "B vs control": ("B", final["name"])}
     assert final["eval_gaps"] == results["final_control"]["eval_gaps"]
@@ -144,7 +150,8 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     shipped = smaller.ship_final(profile)
     settings = profile.smaller
     b_runs = 2 * len(settings.final_seeds)  # B's budget and the longer one
-    assert len(shipped) == b_runs + 1 + len(settings.long_students) * len(settings.seeds)
+    long_runs = len(settings.control_seeds) + len(settings.long_students) * len(settings.seeds)
+    assert len(shipped) == b_runs + long_runs
     assert all((p / "model.safetensors").is_file() for p in shipped)
     assert not any((p / "checkpoint.pt").exists() for p in shipped)
     assert json.loads((shipped[0] / "made_by.json").read_text())["command"] == smaller.SHIP_COMMAND.format(

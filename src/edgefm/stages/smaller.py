@@ -276,7 +276,7 @@ def ship_final(profile: Profile | str | None = None) -> list[Path]:
     b_spec = student_config(results["b_config"])
     b_budgets = [t for t in (settings.final, longer_training(profile)) if t]
     long_runs = [(replace(b_spec, seed=seed), t) for t in b_budgets for seed in settings.final_seeds]
-    long_runs += [(continued(), control_training(profile))]
+    long_runs += [(continued(seed), control_training(profile)) for seed in settings.control_seeds]
     long_runs += [(replace(spec, seed=seed), settings.long) for spec in settings.long_students
                   for seed in settings.seeds]
     copied = []
@@ -444,10 +444,31 @@ def _students(found: Candidates, models: dict) -> dict:
             "student_verdicts": {f"{d} vs {t}": paired_gap(val[d], val[t]) for d, t in pairs}}
 
 
+def _final_control(found: Candidates, b_training: dict, models: dict, name: str) -> dict:
+    """B's control, A continued for B's ``final`` budget, with each of ``control_seeds``: each
+    seed's val and eval mAP, B against it seed by seed (``b_vs_control``, on val and on eval: the
+    spread over seeds), and, for the first seed, the gaps with a paired interval over the eval
+    images (:func:`_final_gaps`). The first seed is the control the benchmark times, as ``name``."""
+    budget, seeds = control_training(found.profile), []
+    for seed in found.profile.smaller.control_seeds:
+        model, state = found.trained(continued(seed), budget)
+        key = found.key(continued(seed), budget)
+        if not seeds:
+            models[name] = model, key
+        seeds.append({"seed": seed, "val_map": found.val_map(model, key),
+                      "eval_map": found.scores(model, key, "eval")["map"], "train_seconds": state.seconds})
+    b_runs = {r["seed"]: r for r in b_training["seeds"]}
+    b_vs_control = {split: paired_gap([b_runs[c["seed"]][f"{split}_map"] for c in seeds],
+                                      [c[f"{split}_map"] for c in seeds]) for split in ("val", "eval")}
+    first = seeds[0]
+    return {"steps": budget.steps, "train_seconds": first["train_seconds"], "val_map": first["val_map"],
+            "seeds": seeds, "b_vs_control": b_vs_control, "eval_gaps": _final_gaps(found, models, name)}
+
+
 def _final_gaps(found: Candidates, models: dict, control: str) -> dict:
-    """B against its control and the control against A on the eval scenes, each with the 95 %
-    paired bootstrap interval over the eval images: the control has one seed, so the images are
-    the only spread these gaps can be judged by."""
+    """B against its control and the control against A on the eval scenes (the first seed of
+    each), each with the 95 % paired bootstrap interval over the eval images: the spread the gaps
+    of two single runs can be judged by, beside the spread over seeds."""
     runs = {"A": (found.teacher, found.model_a), "control": models[control], "B": models[B_STUDY]}
     scores = {name: found.eval_with_samples(model, key) for name, (model, key) in runs.items()}
 
@@ -476,10 +497,8 @@ def _controls_and_distillation(results: dict, profile: Profile) -> dict:
                  "students": {arm: verdicts[f"{arm} vs {CONTROL}"] for arm in arms if arm != CONTROL}
                  | pruned_gaps},
                 {"name": f"{continued().name}, {settings.final.steps} steps", "steps": settings.final.steps,
-                 "seeds": [{"seed": continued().seed, "steps": final["steps"], "val_map": final["val_map"],
-                            "train_seconds": final["train_seconds"]}],
-                 "students": {B_STUDY: paired_gap([results["b_training"]["val_map"]], [final["val_map"]])},
-                 "eval_gaps": final["eval_gaps"]}]
+                 "seeds": final["seeds"], "students": {B_STUDY: final["b_vs_control"]["val"]},
+                 "eval_students": {B_STUDY: final["b_vs_control"]["eval"]}, "eval_gaps": final["eval_gaps"]}]
     distillation = [{"student": f"{settings.arm.name}, {mode}", "mode": mode,
                      "against": f"{settings.arm.name}, labels", "seeds": arms[mode],
                      "paired_gap": verdicts[f"{mode} vs labels"]}
@@ -530,16 +549,12 @@ def _build(work: Path, profile: Profile, progress: bool) -> dict:
     chosen = choose(trials, search.latency_budget)
     b_spec = replace(from_params(settings.search_start, chosen, B_STUDY), seed=settings.final_seeds[0])
     b_training = _b_seeds(found, b_spec, models)
-    control_budget = control_training(profile)
-    control, control_state = found.trained(continued(), control_budget)
     control_name = f"A continued, {settings.final.steps} steps"
-    models[control_name] = control, found.key(continued(), control_budget)
+    final_control = _final_control(found, b_training, models, control_name)
     results.update(trials=trials, chosen_trial=chosen["number"], b_config=plain(b_spec), b_mode=b_spec.mode,
                    shipped=found.shipped, retrace=found.retraces,
                    ship_command=SHIP_COMMAND.format(profile=profile.name), b_training=b_training,
-                   final_control={"steps": settings.final.steps, "train_seconds": control_state.seconds,
-                                  "val_map": found.val_map(control, found.key(continued(), control_budget)),
-                                  "eval_gaps": _final_gaps(found, models, control_name)},
+                   final_control=final_control,
                    latency_budget=search.latency_budget,  # a given URL may hold a password: not kept
                    storage="a given URL" if search.storage else f"artifacts/{profile.name}/search/model-b.db",
                    trials_run=len(ran))
