@@ -104,7 +104,7 @@ def test_smaller_study_in_smoke_makes_b_and_measures_every_candidate(fashion_dir
     assert set(short["students"]) == {*MODES, "labels, equal compute", "A pruned 0.5"}
     assert short["students"]["distill"] == verdicts["distill vs control"]
     assert final["seeds"] == results["final_control"]["seeds"]
-    assert [c["seed"] for c in final["seeds"]] == list(settings.control_seeds)
+    assert [c["seed"] for c in final["seeds"]] == list(settings.control_seeds)  # B's seed first
     assert final["seeds"][0]["val_map"] == results["final_control"]["val_map"]
     # B against its control seed by seed: each B run paired with the control of its seed
     b_runs = {r["seed"]: r for r in b_runs}

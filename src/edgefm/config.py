@@ -323,8 +323,9 @@ class SmallerConfig:
     final: StudentTraining = field(default_factory=lambda: StudentTraining(steps=12800, warmup_steps=50,
                                                                           eval_every=400))
     final_seeds: tuple[int, ...] = (0, 1, 2)
-    # B's control (A continued for the ``final`` budget) with these of ``final_seeds``, each
-    # paired with B's run of the same seed: the gap to the control is judged over their spread
+    # B's control (A continued for the ``final`` budget) with these of ``final_seeds``, B's own
+    # first, each paired with B's run of the same seed: the gap to the control is judged over
+    # their spread
     control_seeds: tuple[int, ...] = (0, 1, 2)
     # B's schedule trained again this many times as long, with the same seeds: does a longer one
     # still gain on val? (0: not checked)
@@ -334,9 +335,10 @@ class SmallerConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self) -> None:
-        if not self.control_seeds or not set(self.control_seeds) <= set(self.final_seeds):
-            raise ValueError(f"control_seeds {self.control_seeds}: B's control needs at least one seed, "
-                             f"each one of final_seeds {self.final_seeds} (it is paired with B's run of it)")
+        seeds, b_seed = self.control_seeds, self.final_seeds[0]
+        if not seeds or seeds[0] != b_seed or not set(seeds) <= set(self.final_seeds):
+            raise ValueError(f"control_seeds {seeds}: B's control starts with B's seed ({b_seed}), and its "
+                             f"other seeds are of final_seeds {self.final_seeds} (each paired with B's run)")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 The study is a set of fine-tuning runs (:func:`study_runs`): A (the profile's recipe from the MAE
 encoder), its random-init twin (same recipe and budget), A with other seeds (the seed-to-seed
-spread), A on shorter schedules (does a longer one still gain?), and both inits on fractions of
-the labels, each for as many epochs over its subset as A over all of them (label efficiency).
+spread), A on shorter schedules (does a longer one still gain?), A without layer decay on the
+shortest one (does the recipe's gentler LR for early blocks cost accuracy?), and both inits on
+fractions of the labels, each for as many epochs over its subset as A over all of them (label
+efficiency).
 
 Most of these runs are too long for a two-hour build on a laptop. ``edgefm long-runs`` trains
 them (in parallel, on a GPU if there is one) and ships them: A and its twin as weights

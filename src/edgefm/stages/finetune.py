@@ -60,9 +60,10 @@ def build_detector(cfg: DetectorConfig, backbone: BackboneConfig, num_classes: i
 
 
 def layer_decay_groups(model: Detector, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ViT block ``i`` of ``L`` gets ``lr * layer_decay ** (L - i)``, the
-    embeddings ``layer_decay ** (L + 1)``, the rest (final norm, pyramid, head) ``lr``. Biases,
-    norms, tokens and position embeddings get no weight decay."""
+    """AdamW parameter groups: ViT block ``i`` of ``L`` (from 1 at the input) gets
+    ``lr * layer_decay ** (L + 1 - i)``, the embeddings ``layer_decay ** (L + 1)``, the rest
+    (final norm, pyramid, head) ``lr``. Biases, norms, tokens and position embeddings get no
+    weight decay."""
     depth = len(model.backbone.vit.blocks)
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():

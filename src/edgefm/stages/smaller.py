@@ -447,10 +447,10 @@ def _students(found: Candidates, models: dict) -> dict:
 def _final_control(found: Candidates, b_training: dict, models: dict, name: str) -> dict:
     """B's control, A continued for B's ``final`` budget, with each of ``control_seeds``: each
     seed's val and eval mAP, B against it seed by seed (``b_vs_control``, on val and on eval: the
-    spread over seeds), and, for the first seed, the gaps with a paired interval over the eval
-    images (:func:`_final_gaps`). The first seed is the control the benchmark times, as ``name``."""
+    spread over seeds), and, for B's own seed, the gaps with a paired interval over the eval
+    images (:func:`_final_gaps`). The control of B's own seed is the one benchmarked, as ``name``."""
     budget, seeds = control_training(found.profile), []
-    for seed in found.profile.smaller.control_seeds:
+    for seed in found.profile.smaller.control_seeds:  # B's own seed first
         model, state = found.trained(continued(seed), budget)
         key = found.key(continued(seed), budget)
         if not seeds:
