@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -16,9 +18,6 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_python_dash_m_edgefm_is_the_command_line():
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "edgefm", "--profile", "huge", "data"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("edgefm: error: unknown profile 'huge'")
